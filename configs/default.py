@@ -1,0 +1,105 @@
+"""Base configuration: every choice a run makes, in sections.
+
+Experiments import this, override a few fields, and return the result. `kdiff_jax.config`
+validates the final config against this schema (unknown fields and invalid values fail at
+start, naming the field and the allowed values).
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # --- data: where batches come from. Images are NHWC float32 in [-1, 1] (or scaled latents).
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "digits"            # digits | synthetic | tfds | latents | toy2d
+  data.image_size = 8             # height = width of the training arrays
+  data.channels = 1
+  data.num_classes = 10           # the null (CFG) label is num_classes
+  data.random_flip = False        # horizontal flips (never for digits)
+  data.tfds_name = ""             # e.g. "imagenet2012", "cifar10"
+  data.tfds_split = "train"
+  data.tfds_data_dir = ""         # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+  data.latents_path = ""          # directory with latents.npy (or mean.npy + std.npy) and labels.npy
+  data.latent_channel_mean = ()   # per-channel normalisation of latents: (z - mean) / std * scale
+  data.latent_channel_std = ()
+  data.latent_scale = 1.0
+  data.toy_name = "8gaussians"    # 8gaussians | moons | checkerboard (data.name = toy2d)
+  data.shuffle_buffer = 10_000    # tfds only
+
+  # --- model: the denoiser network.
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "dit"              # dit
+  model.size = "S"                # T | XS | S | B | L | XL (T, XS: tiny CPU sizes)
+  model.patch_size = 2            # 1 | 2 | 4 | 8
+  model.mlp_ratio = 4.0
+  model.second_time_embedder = False  # a second time input (IMM's s or t - s)
+  model.time_scale = 1000.0       # the time embedder sees time_scale * t
+  model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+  model.remat = "none"            # none | full | dots
+
+  # --- objective: what the network is trained to predict, and the loss.
+  config.objective = objective = ml_collections.ConfigDict()
+  objective.name = "flow"         # flow
+  objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
+  objective.prediction = "velocity"  # eps | x | v | velocity | score
+  objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
+  objective.time_sampling = "uniform"  # uniform | logit_normal
+  objective.logit_normal_mean = 0.0  # in our convention (t = 0 data); see specs/parameterization.md
+  objective.logit_normal_std = 1.0
+  objective.t_min = 0.0           # times are drawn in [t_min, t_max]
+  objective.t_max = 1.0
+  objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
+  objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
+
+  # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
+  config.optimizer = optimizer = ml_collections.ConfigDict()
+  optimizer.learning_rate = 1e-4
+  optimizer.lr_schedule = "constant"  # constant | cosine
+  optimizer.warmup_steps = 0
+  optimizer.b1 = 0.9
+  optimizer.b2 = 0.999
+  optimizer.eps = 1e-8
+  optimizer.weight_decay = 0.0    # decays arrays with ndim >= 2 only (no biases, norms, scalars)
+  optimizer.grad_clip_norm = 0.0  # 0 = no clipping
+
+  # --- training: the loop.
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 256       # global batch, over all hosts and devices
+  training.num_steps = 1000
+  training.ema_decays = (0.9999,)  # one EMA pytree per decay
+  training.log_every = 50
+  training.sample_every = 0       # steps between sample-grid PNGs; 0 = only at the end
+  training.checkpoint_every = 500
+
+  # --- sampling: sample grids during training and main.py --mode=sample.
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "heun"        # see kdiff_jax.samplers
+  sampling.num_steps = 32
+  sampling.guidance_scale = 1.0   # 1 = no guidance
+  sampling.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
+  sampling.grid_size = 8          # the PNG holds grid_size x grid_size samples
+  sampling.use_ema = True
+  sampling.num_samples = 64       # main.py --mode=sample
+  sampling.seed = 0
+
+  # --- mesh: device mesh and logical-axis rules. -1 = all remaining devices.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("classes", None),
+  )
+
+  # --- checkpoint: Orbax.
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.max_to_keep = 3
+  checkpoint.async_save = True
+
+  return config
