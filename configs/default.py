@@ -52,6 +52,7 @@ def get_config():
   objective.t_max = 1.0
   objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
   objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
+  objective.min_divisor = 0.0     # clamp for divisions by sigma / alpha near the ends (JiT: 0.05)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()
@@ -77,6 +78,9 @@ def get_config():
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "heun"        # see kdiff_jax.samplers
   sampling.num_steps = 32
+  sampling.grid = "uniform_t"     # see kdiff_jax.samplers
+  sampling.t_start = 1.0          # sampling runs from t_start (noise) down to t_end
+  sampling.t_end = 0.0
   sampling.guidance_scale = 1.0   # 1 = no guidance
   sampling.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
   sampling.grid_size = 8          # the PNG holds grid_size x grid_size samples

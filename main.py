@@ -1,0 +1,35 @@
+"""kdiff_jax entry point: python main.py --config=configs/digits_fm.py --workdir=/tmp/run
+
+Run the same command on every worker of a TPU VM pod; JAX finds the other workers itself.
+Override any field: --config.training.num_steps=100.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from kdiff_jax import parallel  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_threefry_partitionable", True)
+  parallel.maybe_initialize_distributed()
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  from kdiff_jax import train
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
