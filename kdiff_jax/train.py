@@ -50,10 +50,17 @@ def build_model(config):
   return graphdef, nnx.to_pure_dict(abstract_params), logical
 
 
-def make_apply_fn(graphdef):
-  """apply_fn(net_params, x_t, t, labels, s=None) -> network output."""
-  def apply_fn(net_params, x_t, t, labels, s=None):
-    return nnx.merge(graphdef, net_params)(x_t, t, labels, s)
+def make_apply_fn(config, graphdef):
+  """apply_fn(net_params, x_t, t, labels, s=None, full_precision=False) -> network output.
+
+  full_precision=True runs the float32 build of the same network (IMM's target pass).
+  """
+  full = config.copy_and_resolve_references()
+  full.model.compute_dtype = "float32"
+  graphdef_f32 = graphdef if config.model.compute_dtype == "float32" else build_model(full)[0]
+
+  def apply_fn(net_params, x_t, t, labels, s=None, full_precision=False):
+    return nnx.merge(graphdef_f32 if full_precision else graphdef, net_params)(x_t, t, labels, s)
   return apply_fn
 
 
@@ -86,7 +93,12 @@ def setup(config, devices=None) -> Setup:
   mesh = parallel.make_mesh(config.mesh, devices)
   parallel.check_batch_divides(config.training.batch_size, mesh)
   graphdef, abstract_net, logical_net = build_model(config)
-  objective = objectives.build(config, make_apply_fn(graphdef))
+  objective = objectives.build(config, make_apply_fn(config, graphdef))
+  per_device = config.training.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  if per_device % objective.group_size:
+    raise ValueError(f"training.batch_size={config.training.batch_size} gives {per_device} "
+                     f"examples per device, not a multiple of the objective's group size "
+                     f"{objective.group_size}: groups must stay whole on one device")
   optimizer = make_optimizer(config.optimizer, config.training.num_steps)
 
   abstract_params = {"net": abstract_net, **jax.eval_shape(lambda: objective.extra_params)}

@@ -1,0 +1,190 @@
+"""DiT: the class-conditional diffusion transformer of Peebles & Xie (2023), in Flax NNX.
+
+A port of facebookresearch/DiT `models.py` with learn_sigma=False (output channels = input
+channels), NHWC images, time t in [0, 1] (the embedder sees time_scale·t) and an optional second
+time embedder `s_embedder` (IMM's s or t - s) whose output is added to the conditioning:
+
+  c = t_embedder(time_scale·t) + y_embedder(y) [+ s_embedder(time_scale·s)]
+  x = x_embedder(x) + pos_embed;  x = block(x, c) for each block
+  out = unpatchify(final_layer(x, c))
+
+Attribute names are DiT's, so a flattened parameter path maps onto the torch state_dict key with
+`torch_name` (a rename), and the value by a transpose: Linear kernel [in, out] -> weight.T;
+Conv kernel [p, p, C, D] -> weight.transpose(3, 2, 0, 1); embedding as is. torch DiT also holds
+the fixed `pos_embed` buffer [1, T, D] (here a numpy constant, recomputed from the shapes).
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdiff_jax.models import layers
+
+# name -> (depth, hidden_size, num_heads). T and XS are tiny sizes for CPU tests and demos.
+SIZES = {
+    "T": (2, 64, 2),
+    "XS": (4, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (1, 2, 4, 8)
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero block: x += gate·attn(modulate(norm1(x))); x += gate·mlp(modulate(norm2(x)))."""
+
+  def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.norm1 = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
+    self.attn = layers.Attention(hidden_size, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
+    self.mlp = layers.Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, rngs=rngs)
+    # adaLN-Zero: the modulation starts at zero, so the block starts as the identity.
+    self.adaLN_modulation = nnx.List([
+        jax.nn.silu,
+        layers.linear(hidden_size, 6 * hidden_size, ("embed", "mlp"), kernel_init=layers.zeros,
+                      dtype=dtype, rngs=rngs),
+    ])
+
+  def __call__(self, x, c):
+    modulation = c
+    for layer in self.adaLN_modulation:
+      modulation = layer(modulation)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
+    x = x + gate_msa[:, None] * self.attn(layers.modulate(self.norm1(x), shift_msa, scale_msa))
+    x = x + gate_mlp[:, None] * self.mlp(layers.modulate(self.norm2(x), shift_mlp, scale_mlp))
+    return x
+
+
+class FinalLayer(nnx.Module):
+  """linear(modulate(norm_final(x), shift, scale)) -> p·p·C per token; zero-initialised."""
+
+  def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.norm_final = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
+    self.linear = layers.linear(hidden_size, patch_size * patch_size * out_channels,
+                                ("embed", None), kernel_init=layers.zeros, dtype=dtype, rngs=rngs)
+    self.adaLN_modulation = nnx.List([
+        jax.nn.silu,
+        layers.linear(hidden_size, 2 * hidden_size, ("embed", "mlp"), kernel_init=layers.zeros,
+                      dtype=dtype, rngs=rngs),
+    ])
+
+  def __call__(self, x, c):
+    modulation = c
+    for layer in self.adaLN_modulation:
+      modulation = layer(modulation)
+    shift, scale = jnp.split(modulation, 2, -1)
+    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """DiT (learn_sigma=False): [B, H, W, C] x, [B] t in [0, 1], [B] labels (num_classes = null)."""
+
+  def __init__(self, *, input_size: int, in_channels: int, patch_size: int, hidden_size: int,
+               depth: int, num_heads: int, mlp_ratio: float, num_classes: int,
+               second_time_embedder: bool, time_scale: float = 1000.0, dtype=jnp.float32,
+               remat: str = "none", rngs: nnx.Rngs):
+    if input_size % patch_size:
+      raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
+    self.input_size = input_size
+    self.in_channels = in_channels
+    self.out_channels = in_channels
+    self.patch_size = patch_size
+    self.hidden_size = hidden_size
+    self.num_heads = num_heads
+    self.num_classes = num_classes
+    self.time_scale = float(time_scale)
+    self.dtype = jnp.dtype(dtype)
+    self.remat = remat
+    self._use_remat, self._remat_policy = layers.remat_policy(remat, "remat")
+    self.grid_size = input_size // patch_size
+
+    self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
+                                        rngs=rngs)
+    self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)
+    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    self.s_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
+                       if second_time_embedder else None)
+    self.blocks = nnx.List([
+        DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(depth)
+    ])
+    self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
+                                  rngs=rngs)
+
+  @property
+  def second_time_embedder(self) -> bool:
+    return self.s_embedder is not None
+
+  def pos_embed(self):
+    """The fixed [T, D] 2-D sin-cos position embedding (a numpy constant, not a parameter)."""
+    return layers.get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
+
+  def conditioning(self, t, y, s=None):
+    """c = t_emb(time_scale·t) + y_emb(y) [+ s_emb(time_scale·s)], float32 [B, D]."""
+    if self.second_time_embedder and s is None:
+      raise ValueError("this DiT has a second time embedder (second_time_embedder=True): "
+                       "pass s (e.g. IMM's s or t - s)")
+    if not self.second_time_embedder and s is not None:
+      raise ValueError("s was given but this DiT has no second time embedder "
+                       "(set model.second_time_embedder=True)")
+    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32))
+    c = c + self.y_embedder(y)
+    if s is not None:
+      c = c + self.s_embedder(self.time_scale * jnp.asarray(s, jnp.float32))
+    return c
+
+  def __call__(self, x, t, y, s=None):
+    c = self.conditioning(t, y, s)
+    x = self.x_embedder(x.astype(self.dtype))
+    x = x + jnp.asarray(self.pos_embed(), x.dtype)
+    for block in self.blocks:
+      if self._use_remat:
+        x = layers.checkpointed_call(block, self._remat_policy, x, c)
+      else:
+        x = block(x, c)
+    x = self.final_layer(x, c)
+    x = layers.unpatchify(x, self.patch_size, self.out_channels)
+    return x.astype(jnp.float32)
+
+
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight"}
+
+
+def torch_name(path) -> str:
+  """Flattened nnx param path -> torch DiT state_dict key.
+
+  The rule: join the path with '.', except that the leaf is renamed kernel -> weight, bias -> bias,
+  and an nnx.Embed's 'embedding' -> 'weight' (replacing it). Examples:
+  ('blocks', 3, 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
+  ('y_embedder', 'embedding_table', 'embedding') -> 'y_embedder.embedding_table.weight'.
+  """
+  *module, leaf = (getattr(p, "key", p) for p in path)
+  if leaf not in _TORCH_LEAF:
+    raise ValueError(f"no torch name for parameter path {tuple(path)}")
+  return ".".join(str(p) for p in module + [_TORCH_LEAF[leaf]])
+
+
+def dit_from_config(config, rngs: nnx.Rngs) -> DiT:
+  """A DiT from config.model.* and config.data.{image_size, channels, num_classes}."""
+  model = config.model
+  if model.size not in SIZES:
+    raise ValueError(f"model.size={model.size!r}: allowed values are {list(SIZES)}")
+  if model.patch_size not in PATCH_SIZES:
+    raise ValueError(f"model.patch_size={model.patch_size!r}: "
+                     f"allowed values are {list(PATCH_SIZES)}")
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if model.compute_dtype not in dtypes:
+    raise ValueError(f"model.compute_dtype={model.compute_dtype!r}: "
+                     f"allowed values are {list(dtypes)}")
+  layers.remat_policy(model.remat)  # validates, naming model.remat
+  if config.data.image_size % model.patch_size:
+    raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of "
+                     f"model.patch_size={model.patch_size}")
+  depth, hidden_size, num_heads = SIZES[model.size]
+  return DiT(input_size=config.data.image_size, in_channels=config.data.channels,
+             patch_size=model.patch_size, hidden_size=hidden_size, depth=depth,
+             num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
+             second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
+             dtype=dtypes[model.compute_dtype], remat=model.remat, rngs=rngs)

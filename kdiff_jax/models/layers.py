@@ -1,0 +1,248 @@
+"""Layers shared by the DiT (models/dit.py) and the pixel JiT: embeddings, attention, MLP, patches.
+
+Written after facebookresearch/DiT `models.py` (Peebles & Xie 2023) and timm's `Attention` /
+`Mlp`, with the same attribute names so a parameter path maps onto the PyTorch state_dict key by
+a rename (see `dit.torch_name`) and a transpose.
+
+Conventions:
+* Images are NHWC; tokens are [B, T, D] in row-major patch order (as torch's
+  `proj(x).flatten(2).transpose(1, 2)`).
+* Parameters are float32; `dtype` is the compute dtype of a Linear / Conv.
+* Every parameter carries logical axis names (`nnx.with_partitioning`, stored by flax 0.12 in the
+  variable metadata `out_sharding`; `nnx.get_partition_spec(state)` reads them). The names are
+  'embed' (hidden size), 'mlp' (MLP hidden, adaLN outputs), 'heads' (fused qkv output, attention
+  projection input), 'classes' (label table rows) and None (patch / spatial / small dims).
+  Variables are created with `eager_sharding=False`: the model builds anywhere (no mesh needed),
+  and the trainer places parameters with `jit(init, out_shardings=...)` from these names.
+"""
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FREQUENCY_EMBEDDING_SIZE = 256
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def partitioned(init, axes: Sequence[str | None]):
+  """`init` annotated with logical axis names (one per dim), without eager sharding."""
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, kernel_init=xavier_uniform, bias_init=zeros,
+           dtype=jnp.float32) -> nnx.Linear:
+  """nnx.Linear with a bias; kernel [in, out] named `axes`, bias named after the output dim.
+
+  Defaults follow DiT's `_basic_init`: xavier_uniform weight, zero bias.
+  """
+  return nnx.Linear(
+      in_features, out_features, use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=partitioned(kernel_init, axes),
+      bias_init=partitioned(bias_init, axes[-1:]), rngs=rngs)
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+  """torch nn.LayerNorm(features, elementwise_affine=False, eps=1e-6): no params, stats in fp32."""
+  return nnx.LayerNorm(features, epsilon=1e-6, use_bias=False, use_scale=False,
+                       use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32,
+                       rngs=rngs)
+
+
+def modulate(x, shift, scale):
+  """DiT `modulate`: x·(1 + scale) + shift; x [B, T, D], shift and scale [B, D]."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# --- time and position embeddings ------------------------------------------------------------
+
+def timestep_embedding(t, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
+  """Sinusoidal embedding [cos(t·f), sin(t·f)], f_i = max_period^(-i/half), i < half = dim // 2.
+
+  DiT's `TimestepEmbedder.timestep_embedding` (a zero column is appended for odd dim). Float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+  return embedding
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos) -> np.ndarray:
+  """[sin(pos·omega), cos(pos·omega)], omega_d = 10000^(-d/(embed_dim/2)); (M, embed_dim) f64."""
+  assert embed_dim % 2 == 0, embed_dim
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", np.reshape(pos, -1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+  """DiT's fixed 2-D sin-cos position embedding, (grid_size², embed_dim) float32, a constant.
+
+  As in DiT (from MAE): the first embed_dim/2 channels encode the column (w) index, the last
+  embed_dim/2 the row (h) index, each as [sin, cos] of the 1-D embedding. Read-only array.
+  """
+  assert embed_dim % 4 == 0, f"hidden size {embed_dim} must be divisible by 4"
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # here w goes first (as DiT)
+  emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+  emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+  emb = np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)
+  emb.setflags(write=False)
+  return emb
+
+
+class TimestepEmbedder(nnx.Module):
+  """time -> hidden: Linear(256, hidden) -> SiLU -> Linear(hidden, hidden), all in float32.
+
+  `mlp` is a list so parameter paths read mlp/0 and mlp/2 like torch's nn.Sequential.
+  Init (DiT `initialize_weights`): weights normal(0.02), biases zero.
+  """
+
+  def __init__(self, hidden_size: int, *, rngs: nnx.Rngs,
+               frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+    self.frequency_embedding_size = frequency_embedding_size
+    normal = nnx.initializers.normal(0.02)
+    self.mlp = nnx.List([
+        linear(frequency_embedding_size, hidden_size, (None, "mlp"), kernel_init=normal, rngs=rngs),
+        jax.nn.silu,
+        linear(hidden_size, hidden_size, ("mlp", "embed"), kernel_init=normal, rngs=rngs),
+    ])
+
+  def __call__(self, t):
+    h = timestep_embedding(t, self.frequency_embedding_size)
+    for layer in self.mlp:
+      h = layer(h)
+    return h
+
+
+class LabelEmbedder(nnx.Module):
+  """label -> hidden: a table with num_classes + 1 rows; row num_classes is the null (CFG) label.
+
+  No label dropout here: the objective replaces dropped labels by num_classes. Init normal(0.02).
+  """
+
+  def __init__(self, num_classes: int, hidden_size: int, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.embedding_table = nnx.Embed(
+        num_classes + 1, hidden_size, dtype=jnp.float32, param_dtype=jnp.float32,
+        embedding_init=partitioned(nnx.initializers.normal(0.02), ("classes", "embed")),
+        rngs=rngs)
+
+  def __call__(self, labels):
+    return self.embedding_table(labels)
+
+
+# --- transformer pieces ----------------------------------------------------------------------
+
+class Attention(nnx.Module):
+  """timm Attention (qkv_bias=True): fused qkv [D, 3D] in (3, heads, head_dim) order."""
+
+  def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    assert hidden_size % num_heads == 0, (hidden_size, num_heads)
+    self.num_heads = num_heads
+    self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    batch, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]
+    # XLA path: logits and softmax in float32, probabilities cast back to the compute dtype.
+    out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj(out.reshape(batch, tokens, dim))
+
+
+class Mlp(nnx.Module):
+  """timm Mlp: fc1 -> GELU(tanh) -> fc2."""
+
+  def __init__(self, hidden_size: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = linear(hidden_size, mlp_hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = linear(mlp_hidden, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class PatchEmbed(nnx.Module):
+  """timm PatchEmbed: Conv(kernel = stride = patch) on NHWC, then [B, h·w, D] row-major tokens.
+
+  DiT init: xavier_uniform on the flattened [D, C·p·p] view (fan_in C·p·p, fan_out D), bias 0.
+  """
+
+  def __init__(self, patch_size: int, in_channels: int, hidden_size: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.patch_size = patch_size
+    flat_xavier = nnx.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+    self.proj = nnx.Conv(
+        in_channels, hidden_size, kernel_size=(patch_size, patch_size),
+        strides=(patch_size, patch_size), padding="VALID", use_bias=True,
+        dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=partitioned(flat_xavier, (None, None, None, "embed")),
+        bias_init=partitioned(zeros, ("embed",)), rngs=rngs)
+
+  def __call__(self, x):
+    x = self.proj(x)  # [B, h, w, D]
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
+
+
+def unpatchify(x, patch_size: int, channels: int, height: int | None = None):
+  """[B, h·w, p·p·C] tokens -> [B, h·p, w·p, C] image (NHWC).
+
+  Each token's p·p·C outputs are read in (p, q, c) order, as torch DiT's `unpatchify`
+  (reshape (h, w, p, q, c), einsum 'nhwpqc->nchpwq'); here 'nhwpqc->nhpwqc' for NHWC.
+  `height` is h (tokens per column); default square.
+  """
+  batch, tokens, _ = x.shape
+  h = height if height is not None else math.isqrt(tokens)
+  w = tokens // h
+  assert h * w == tokens, (tokens, h)
+  p = patch_size
+  x = x.reshape(batch, h, w, p, p, channels)
+  x = jnp.einsum("nhwpqc->nhpwqc", x)
+  return x.reshape(batch, h * p, w * p, channels)
+
+
+# --- rematerialisation -----------------------------------------------------------------------
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str, field: str = "model.remat"):
+  """Config string -> (remat?, jax.checkpoint policy).
+
+  'none': no remat; 'full': save nothing (recompute the block); 'dots': save matmul outputs
+  without batch dims (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+  """
+  if name == "none":
+    return False, None
+  if name == "full":
+    return True, jax.checkpoint_policies.nothing_saveable
+  if name == "dots":
+    return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"{field}={name!r}: allowed values are {list(REMAT_POLICIES)}")
+
+
+def checkpointed_call(module: nnx.Module, policy, *args):
+  """module(*args) under jax.checkpoint(policy): split -> pure function of (state, args) -> merge.
+
+  Plain JAX (no graph mutation inside the transform); gradients flow through the state.
+  """
+  graphdef, state = nnx.split(module)
+
+  def apply(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return jax.checkpoint(apply, policy=policy)(state, *args)

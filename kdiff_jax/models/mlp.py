@@ -1,0 +1,66 @@
+"""A time- and class-conditioned residual MLP for flat inputs x [B, D] (2-D toy data).
+
+Same call as the DiT, model(x, t, y, s=None), with DiT's embedders (layers.TimestepEmbedder,
+layers.LabelEmbedder, an optional second time embedder for IMM's s or t - s):
+
+  c = t_embedder(time_scale·t) + y_embedder(y) [+ s_embedder(time_scale·s)]
+  h = x_proj(x);  h = h + fc2(silu(fc1(silu(h)) + cond(c))) for each block;  out = out_proj(silu(h))
+
+out_proj is zero-initialised, so the network starts at output 0 (as DiT's final layer).
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdiff_jax.models import layers
+
+
+class MLPBlock(nnx.Module):
+  """h + fc2(silu(fc1(silu(h)) + cond(c)))."""
+
+  def __init__(self, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = layers.linear(width, width, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.cond = layers.linear(width, width, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = layers.linear(width, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, h, c):
+    return h + self.fc2(jax.nn.silu(self.fc1(jax.nn.silu(h)) + self.cond(c)))
+
+
+class MLP(nnx.Module):
+  """Residual MLP: [B, D] x, [B] t in [0, 1], [B] labels (num_classes = null) -> [B, D]."""
+
+  def __init__(self, *, features: int, width: int, depth: int, num_classes: int,
+               second_time_embedder: bool, time_scale: float = 1000.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.time_scale = float(time_scale)
+    self.t_embedder = layers.TimestepEmbedder(width, rngs=rngs)
+    self.y_embedder = layers.LabelEmbedder(num_classes, width, rngs=rngs)
+    self.s_embedder = layers.TimestepEmbedder(width, rngs=rngs) if second_time_embedder else None
+    self.x_proj = layers.linear(features, width, (None, "embed"), dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([MLPBlock(width, dtype=dtype, rngs=rngs) for _ in range(depth)])
+    self.out_proj = layers.linear(width, features, ("embed", None), kernel_init=layers.zeros,
+                                  dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, t, y, s=None):
+    if (self.s_embedder is None) != (s is None):
+      raise ValueError(f"MLP built with second_time_embedder={self.s_embedder is not None} "
+                       f"but called with s={'None' if s is None else 'an array'} "
+                       "(model.second_time_embedder)")
+    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + self.y_embedder(y)
+    if s is not None:
+      c = c + self.s_embedder(self.time_scale * jnp.asarray(s, jnp.float32))
+    h = self.x_proj(x)
+    for block in self.blocks:
+      h = block(h, c)
+    return self.out_proj(jax.nn.silu(h)).astype(jnp.float32)
+
+
+def mlp_from_config(config, rngs: nnx.Rngs) -> MLP:
+  """An MLP for points of data.channels coordinates, sized by model.mlp_width / model.mlp_depth."""
+  model = config.model
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  return MLP(features=config.data.channels, width=model.mlp_width, depth=model.mlp_depth,
+             num_classes=config.data.num_classes,
+             second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
+             dtype=dtypes[model.compute_dtype], rngs=rngs)
