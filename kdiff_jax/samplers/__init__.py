@@ -1,0 +1,108 @@
+"""Samplers: one core, every method (specs/samplers.md).
+
+  x0 = sample(model_fn, noise, schedule=..., prediction=..., method=..., num_steps=...)
+
+model_fn(x_t, t) returns the raw network output in parameterization `prediction`
+(parameterization.PREDICTIONS) at a [B] time vector t of x's dtype (float32 unless the caller
+samples in float64); `noise` is x at t_start, already scaled by noise_std. Coefficients are
+precomputed on the host in float64 from the schedule; the loop is lax.scan over a static number
+of steps, so `jax.jit(lambda noise, key: sample(...))` works. Grids: grids.GRIDS.
+
+  method          update                                                  NFE
+  euler           flow Euler in t on the velocity                         N
+  heun            flow Heun in t, last step Euler                         2N - 1
+  ddim            DDIM(eta), x0 form; option eta >= 0 (stochastic if > 0)  N
+  s_pndm          pseudo improved Euler, then pseudo linear multistep     N + 1
+  f_pndm          3 pseudo-RK4 steps, then pseudo linear multistep        N + 9
+  dpm_solver_2m   DPM-Solver++(2M)                                        N
+  unipc_2         UniPC with order 2 (UniP-2 + UniC), options variant     N
+  edm_heun        EDM Heun in x/alpha, sigma/alpha; S_churn, S_tmin, ...  2N - 1
+  euler_maruyama  reverse SDE, Euler–Maruyama                             N
+"""
+import inspect
+
+import jax.numpy as jnp
+
+from kdiff_jax import parameterization
+from kdiff_jax import schedules as schedules_lib
+from kdiff_jax.samplers import core
+from kdiff_jax.samplers import ddim
+from kdiff_jax.samplers import dpm_solver
+from kdiff_jax.samplers import edm
+from kdiff_jax.samplers import grids
+from kdiff_jax.samplers import guidance
+from kdiff_jax.samplers import ode
+from kdiff_jax.samplers import pndm
+from kdiff_jax.samplers import sde
+from kdiff_jax.samplers.grids import GRIDS, time_grid
+
+# name -> (plan builder(ctx, **options), nfe(num_steps, final_sigma_zero))
+_REGISTRY = {
+    "euler": (ode.euler, ode.euler_nfe),
+    "heun": (ode.heun, ode.heun_nfe),
+    "ddim": (ddim.ddim, ddim.nfe),
+    "s_pndm": (pndm.s_pndm, pndm.s_pndm_nfe),
+    "f_pndm": (pndm.f_pndm, pndm.f_pndm_nfe),
+    "dpm_solver_2m": (dpm_solver.dpm_solver_2m, dpm_solver.nfe),
+    "unipc_2": (dpm_solver.unipc_2, dpm_solver.nfe),
+    "edm_heun": (edm.edm_heun, edm.nfe),
+    "euler_maruyama": (sde.euler_maruyama, sde.nfe),
+}
+METHODS = tuple(_REGISTRY)
+
+__all__ = ["sample", "nfe", "plan", "time_grid", "METHODS", "GRIDS", "guidance"]
+
+
+def _lookup(method):
+  if method not in _REGISTRY:
+    raise ValueError(f"sampling.method={method!r}: allowed values are {list(METHODS)}")
+  return _REGISTRY[method]
+
+
+def nfe(method, num_steps, *, final_sigma_zero=True):
+  """Model calls of `method` with `num_steps` steps (final_sigma_zero: sigma(t_end) = 0)."""
+  grids._check_num_steps(num_steps)
+  return _lookup(method)[1](int(num_steps), final_sigma_zero)
+
+
+def plan(*, schedule, prediction, method, num_steps, grid="uniform_t", t_start=1.0, t_end=0.0,
+         noise_std=1.0, **method_options):
+  """The host-side plan (phases of step bodies and float64 coefficients) that `sample` runs."""
+  schedule = schedules_lib.get(schedule) if isinstance(schedule, str) else schedule
+  parameterization.check_prediction(prediction, "prediction")
+  builder, _ = _lookup(method)
+  grid_options = {name: method_options.pop(name) for name in grids.GRID_OPTIONS if name in method_options}
+  allowed = [p for p in inspect.signature(builder).parameters if p != "ctx"]
+  unknown = sorted(set(method_options) - set(allowed))
+  if unknown:
+    raise ValueError(f"sampling.method={method!r}: unknown options {unknown}; allowed are "
+                     f"{allowed} and the grid options {list(grids.GRID_OPTIONS)}")
+  times = grids.time_grid(schedule, num_steps, grid, t_start=t_start, t_end=t_end, **grid_options)
+  ctx = core.Context(schedule, times, method, prediction, float(noise_std))
+  the_plan = builder(ctx, **method_options)  # methods that need alpha > 0 say so first
+  if prediction in ("eps", "score") and ctx.alpha_zero(times[0]):
+    raise ValueError(
+        f"prediction={prediction!r} gives no x_hat where alpha(t) = 0, and alpha(t_start={times[0]}) = 0 "
+        f"for schedule {schedule.name!r}: start at sampling.t_start < 1 (e.g. 0.999)")
+  return the_plan
+
+
+def sample(model_fn, noise, *, schedule, prediction, method, num_steps, key=None, grid="uniform_t",
+           t_start=1.0, t_end=0.0, k=None, noise_std=1.0, min_divisor=0.0, scan=True,
+           **method_options):
+  """x at t_end from noise = x at t_start: `num_steps` steps of `method` on `grid`.
+
+  schedule: a schedules.Schedule or its name. k: k-Diff's k for prediction='u_k'.
+  min_divisor: clamp passed to parameterization.to_x_eps. scan=False runs a Python loop
+  (same math; for debugging and counting calls). method_options: the method's options
+  (eta; S_churn, S_tmin, S_tmax, S_noise; midpoint; variant) and the grid's (rho, shift,
+  sigma_max, sigma_min). key: needed by stochastic methods, split once per step.
+  """
+  schedule = schedules_lib.get(schedule) if isinstance(schedule, str) else schedule
+  the_plan = plan(schedule=schedule, prediction=prediction, method=method, num_steps=num_steps,
+                  grid=grid, t_start=t_start, t_end=t_end, noise_std=noise_std, **method_options)
+  x = jnp.asarray(noise)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # never accumulate in bf16
+  denoise = core.make_denoiser(model_fn, prediction, schedule, k=k, noise_std=noise_std,
+                               min_divisor=min_divisor)
+  return core.run(the_plan, x, denoise, key, scan=scan, method=method)

@@ -1,0 +1,198 @@
+"""The sampler core: host-side float64 coefficient plans run by lax.scan (specs/samplers.md).
+
+A method turns the time grid t_0 = t_start > ... > t_N = t_end into a `Plan`: consecutive
+`Phase`s, each one step `body` and its per-step coefficients (float64 NumPy arrays computed on
+the host from the schedule, leading axis = steps), run by one `lax.scan` over the phase (or a
+plain Python loop with scan=False, same math). The step count is static, no `lax.cond` ever
+wraps a model call (a step that differs, a warm-up or a last first-order step, is its own
+phase), and stochastic steps get one key each, split from the caller's key.
+
+A body is `body(carry, coefs, key, denoise) -> carry` with carry = {'x': x_t, 'hist': tuple of
+past model outputs, newest first}, `coefs` this step's scalars (cast to x's dtype) and
+`denoise(x, t) -> (x_hat, n_hat)`, the network turned into data and noise estimates by
+parameterization.to_x_eps, the only place those formulas live.
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdiff_jax import parameterization
+from kdiff_jax.samplers import grids
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method needs to precompute its coefficients: schedule, float64 times, noise scale."""
+
+  schedule: object
+  times: np.ndarray
+  method: str
+  prediction: str
+  noise_std: float = 1.0
+
+  @property
+  def num_steps(self):
+    return len(self.times) - 1
+
+  def alpha(self, t):
+    return np.asarray(self.schedule.alpha(np.asarray(t, np.float64)), np.float64)
+
+  def sigma(self, t):
+    return np.asarray(self.schedule.sigma(np.asarray(t, np.float64)), np.float64)
+
+  def alpha_dot(self, t):
+    return np.asarray(self.schedule.alpha_dot(np.asarray(t, np.float64)), np.float64)
+
+  def sigma_dot(self, t):
+    return np.asarray(self.schedule.sigma_dot(np.asarray(t, np.float64)), np.float64)
+
+  def eta(self, t):
+    """sigma/alpha; inf where alpha = 0."""
+    return grids.eta_of(self.schedule, t)
+
+  def lambda_(self, t):
+    """log(alpha/sigma); -inf where alpha = 0, +inf where sigma = 0."""
+    with np.errstate(divide="ignore"):
+      return np.log(self.alpha(t)) - np.log(self.sigma(t))
+
+  def to_zero(self, s):
+    """Whether a step lands on sigma = 0 (it must stay first order: no model call there)."""
+    return float(self.sigma(s)) == 0.0
+
+  @property
+  def final_sigma_zero(self):
+    return self.to_zero(self.times[-1])
+
+  def alpha_zero(self, t):
+    return not float(self.eta(t)) <= grids.ETA_INFINITE
+
+  def require_alpha_positive(self, why):
+    """Methods that step in x_bar = x/alpha cannot leave a time where alpha = 0."""
+    if self.alpha_zero(self.times[0]):
+      raise ValueError(
+          f"sampling.method={self.method!r} {why}, so it is undefined where alpha(t) = 0, and "
+          f"alpha(t_start={self.times[0]}) = 0 for schedule {self.schedule.name!r}. Start at "
+          f"sampling.t_start < 1 (e.g. 0.999), or use 'euler', 'heun', 'ddim' or 'dpm_solver_2m'.")
+
+  def phi(self, t, s):
+    """PNDM's transfer phi(x, e, t, s) = (alpha_s/alpha_t)·x + alpha_s·(eta_s - eta_t)·e as (A, B).
+
+    That is an Euler step of d x_bar / d eta = e in x_bar = x/alpha (= DDIM driven by e).
+    """
+    alpha_t, alpha_s = self.alpha(t), self.alpha(s)
+    return alpha_s / alpha_t, alpha_s * (self.eta(s) - self.eta(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Consecutive steps sharing one body; coefs[name] has one row per step."""
+
+  body: Callable
+  coefs: dict
+  stochastic: bool = False
+
+  @property
+  def length(self):
+    return len(next(iter(self.coefs.values())))
+
+
+def _init_carry(x, denoise):
+  del denoise
+  return {"x": x, "hist": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  phases: tuple
+  init: Callable = _init_carry  # init(x, denoise) -> carry; may call the model (UniPC)
+
+  @property
+  def stochastic(self):
+    return any(p.stochastic for p in self.phases)
+
+  @property
+  def num_steps(self):
+    return sum(p.length for p in self.phases)
+
+
+def steps_to_plan(steps, init=_init_carry):
+  """Group a per-step list of (body, coefs, stochastic) into phases of equal consecutive bodies."""
+  phases = []
+  for body, coefs, stochastic in steps:
+    if phases and phases[-1][0] is body and phases[-1][2] == stochastic and set(phases[-1][1][0]) == set(coefs):
+      phases[-1][1].append(coefs)
+    else:
+      phases.append((body, [coefs], stochastic))
+  return Plan(tuple(
+      Phase(body, {name: np.asarray([c[name] for c in rows], np.float64) for name in rows[0]}, stochastic)
+      for body, rows, stochastic in phases), init)
+
+
+def push(hist, value):
+  """The history buffer with `value` as newest entry (fixed length; the oldest drops out)."""
+  return ((value,) + hist[:-1]) if hist else ()
+
+
+def make_denoiser(model_fn, prediction, schedule, *, k=None, noise_std=1.0, min_divisor=0.0):
+  """denoise(x, t) -> (x_hat, n_hat): one model call at scalar time t, as a [B] vector of x's dtype."""
+
+  def denoise(x, t):
+    t_vec = jnp.full((x.shape[0],), t, x.dtype)
+    output = jnp.asarray(model_fn(x, t_vec)).astype(x.dtype)
+    return parameterization.to_x_eps(prediction, output, x, t_vec, schedule, k=k,
+                                     noise_std=noise_std, min_divisor=min_divisor)
+
+  return denoise
+
+
+def run(plan, x, denoise, key=None, *, scan=True, method=""):
+  """Execute a plan from x = x_{t_start}; one lax.scan per phase (or a Python loop)."""
+  if plan.stochastic and key is None:
+    raise ValueError(f"sampling.method={method!r} with these options is stochastic: pass key=")
+  step_keys = jax.random.split(key, plan.num_steps) if plan.stochastic else None
+  carry = plan.init(x, denoise)
+  offset = 0
+  for phase in plan.phases:
+    coefs = {name: jnp.asarray(value, x.dtype) for name, value in phase.coefs.items()}
+    keys = step_keys[offset:offset + phase.length] if phase.stochastic else None
+    offset += phase.length
+
+    def step(carry, inputs, body=phase.body):
+      coefs_i, key_i = inputs
+      return body(carry, coefs_i, key_i, denoise), None
+
+    if scan:
+      carry, _ = jax.lax.scan(step, carry, (coefs, keys))
+    else:
+      for i in range(phase.length):
+        carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], (coefs, keys)))
+  return carry["x"]
+
+
+def gaussian(key, x, scale):
+  """scale·z, z ~ N(0, I) like x (scale already includes noise_std)."""
+  return scale * jax.random.normal(key, x.shape, x.dtype)
+
+
+def linear_step(carry, c, key, denoise):
+  """x_s = a·x_t + b·x_hat + c·n_hat: deterministic DDIM (x0 form) and flow Euler."""
+  x = carry["x"]
+  x_hat, n_hat = denoise(x, c["t"])
+  return {**carry, "x": c["a"] * x + c["b"] * x_hat + c["c"] * n_hat}
+
+
+def linear_noise_step(carry, c, key, denoise):
+  """x_s = a·x_t + b·x_hat + c·n_hat + d·z: stochastic DDIM and Euler–Maruyama."""
+  x = carry["x"]
+  x_hat, n_hat = denoise(x, c["t"])
+  return {**carry, "x": c["a"] * x + c["b"] * x_hat + c["c"] * n_hat + gaussian(key, x, c["d"])}
+
+
+def phi_euler_step(carry, c, key, denoise):
+  """x_s = phi(x_t, e, t, s), e = n_hat(x_t, t): the first-order step of the eps-driven methods."""
+  x = carry["x"]
+  _, e = denoise(x, c["t"])
+  return {"x": c["A"] * x + c["B"] * e, "hist": push(carry["hist"], e)}

@@ -1,0 +1,106 @@
+"""Time grids t_0 = t_start > t_1 > ... > t_N = t_end for the samplers (specs/samplers.md).
+
+  uniform_t       t_i linear in t.
+  karras          EDM's rho-ramp in sigma_bar = eta = sigma/alpha (Karras et al. 2022, eq. 5):
+                  eta_i = (eta_max^(1/rho) + i/(M-1)·(eta_min^(1/rho) - eta_max^(1/rho)))^rho.
+  uniform_lambda  lambda = log(alpha/sigma) = -log(eta) linear (DPM-Solver's logSNR grid).
+  shift           SD3's shift of a uniform grid: t' = a·t/(1 + (a-1)·t) (Esser et al. 2024).
+
+The eta-grids need finite, positive end points. An end where eta is infinite (alpha(t_start) = 0,
+e.g. rectified flow at t = 1; eta > 1e8 counts as infinite) or zero (sigma(t_end) = 0) is kept
+as its own grid point and the ramp runs between sigma_max (default 80) and sigma_min
+(default 0.002), EDM's values; that is EDM's "plus sigma_N = 0". Explicit sigma_max /
+sigma_min inside (eta(t_end), eta(t_start)) do the same. Each step's target time is the next
+step's source time; t_start and t_end are always hit exactly.
+"""
+import numpy as np
+
+GRIDS = ("uniform_t", "karras", "uniform_lambda", "shift")
+GRID_OPTIONS = ("rho", "shift", "sigma_max", "sigma_min")
+
+# eta(t) above this is treated as infinite: alpha(t) is zero up to rounding (cosine at t = 1).
+ETA_INFINITE = 1e8
+SIGMA_MAX = 80.0
+SIGMA_MIN = 0.002
+
+
+def eta_of(schedule, t):
+  """eta = sigma/alpha in float64 on the host, inf where alpha = 0."""
+  t = np.asarray(t, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.asarray(schedule.sigma(t) / schedule.alpha(t), np.float64)
+
+
+def time_grid(schedule, num_steps, grid="uniform_t", *, t_start=1.0, t_end=0.0, rho=7.0,
+              shift=3.0, sigma_max=None, sigma_min=None):
+  """The N+1 float64 times of an N-step sampler; `grid` may also be an explicit decreasing sequence."""
+  num_steps = _check_num_steps(num_steps)
+  if not isinstance(grid, str):
+    times = np.asarray(grid, np.float64)
+    if times.shape != (num_steps + 1,):
+      raise ValueError(f"sampling.grid: an explicit grid needs num_steps + 1 = {num_steps + 1} "
+                       f"times, got shape {times.shape}")
+    return _check_times(schedule, times)
+  t_start, t_end = float(t_start), float(t_end)
+  if not 0.0 <= t_end < t_start <= 1.0:
+    raise ValueError(f"sampling.t_start={t_start}, sampling.t_end={t_end}: need 0 <= t_end < t_start <= 1")
+  if grid == "uniform_t":
+    times = np.linspace(t_start, t_end, num_steps + 1)
+  elif grid == "shift":
+    if shift <= 0:
+      raise ValueError(f"sampling.shift={shift}: must be > 0")
+    unshift = lambda t: t / (shift - (shift - 1.0) * t)
+    u = np.linspace(unshift(t_start), unshift(t_end), num_steps + 1)
+    times = shift * u / (1.0 + (shift - 1.0) * u)
+  elif grid in ("karras", "uniform_lambda"):
+    times = _eta_grid(schedule, num_steps, grid, t_start, t_end, rho, sigma_max, sigma_min)
+  else:
+    raise ValueError(f"sampling.grid={grid!r}: allowed values are {list(GRIDS)} "
+                     "(or an explicit decreasing sequence of times)")
+  times[0], times[-1] = t_start, t_end
+  return _check_times(schedule, times)
+
+
+def _eta_grid(schedule, num_steps, grid, t_start, t_end, rho, sigma_max, sigma_min):
+  eta_start, eta_end = eta_of(schedule, t_start), eta_of(schedule, t_end)
+  head, tail = [], []
+  top, bottom = float(eta_start), float(eta_end)
+  if not top <= ETA_INFINITE or (sigma_max is not None and sigma_max < top):
+    top = SIGMA_MAX if sigma_max is None else float(sigma_max)
+    head = [t_start]
+  if bottom == 0.0 or (sigma_min is not None and sigma_min > bottom):
+    bottom = SIGMA_MIN if sigma_min is None else float(sigma_min)
+    tail = [t_end]
+  if not 0.0 < bottom < top:
+    raise ValueError(f"sampling.grid={grid!r}: need eta_min < eta_max, got sigma_min={bottom}, "
+                     f"sigma_max={top} (eta = sigma/alpha; eta(t_start)={float(eta_start)}, "
+                     f"eta(t_end)={float(eta_end)})")
+  ramp_size = num_steps + 1 - len(head) - len(tail)
+  if ramp_size >= 2:
+    i = np.arange(ramp_size) / (ramp_size - 1)
+    if grid == "karras":
+      etas = (top ** (1.0 / rho) + i * (bottom ** (1.0 / rho) - top ** (1.0 / rho))) ** rho
+    else:
+      etas = np.exp(np.log(top) + i * (np.log(bottom) - np.log(top)))
+  elif ramp_size == 1:
+    etas = np.array([top if tail else bottom])
+  else:
+    etas = np.zeros(0)
+  ramp = np.asarray(schedule.eta_inv(np.asarray(etas, np.float64)), np.float64)
+  return np.concatenate([head, ramp, tail]).astype(np.float64)
+
+
+def _check_num_steps(num_steps):
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"sampling.num_steps={num_steps!r}: must be an int >= 1 (static)")
+  return int(num_steps)
+
+
+def _check_times(schedule, times):
+  if not np.all(np.diff(times) < 0):
+    raise ValueError(f"sampling.grid: times must decrease strictly, got {times}")
+  if times[0] > 1.0 or times[-1] < 0.0:
+    raise ValueError(f"sampling.grid: times must lie in [0, 1], got {times}")
+  if not float(schedule.sigma(np.float64(times[0]))) > 0.0:
+    raise ValueError(f"sampling.t_start={times[0]}: sigma(t_start) = 0, nothing to sample")
+  return times
