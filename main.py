@@ -16,7 +16,8 @@ from kdiff_jax import parallel  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                  "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,9 +27,12 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  from kdiff_jax import train
   if FLAGS.mode == "train":
+    from kdiff_jax import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    from kdiff_jax import generation
+    generation.generate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def get_config():
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit
+  model.name = "dit"              # dit | mlp (mlp: flat inputs [B, data.channels], e.g. 2-D toys)
   model.size = "S"                # T | XS | S | B | L | XL (T, XS: tiny CPU sizes)
   model.patch_size = 2            # 1 | 2 | 4 | 8
   model.mlp_ratio = 4.0
@@ -38,10 +38,12 @@ def get_config():
   model.time_scale = 1000.0       # the time embedder sees time_scale * t
   model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
   model.remat = "none"            # none | full | dots
+  model.mlp_width = 256           # model.name = mlp: hidden width
+  model.mlp_depth = 3             # model.name = mlp: residual blocks
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow
+  objective.name = "flow"         # flow | imm | kdiff
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
@@ -52,7 +54,27 @@ def get_config():
   objective.t_max = 1.0
   objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
   objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
-  objective.min_divisor = 0.0     # clamp for divisions by sigma / alpha near the ends (JiT: 0.05)
+  objective.min_divisor = 0.0     # clamp for divisions by sigma / alpha / Delta near the ends (JiT, k-Diff: 0.05)
+  # objective.name = imm (specs/imm.md): sigma_d = noise_std (0.5), [eps, T] = [t_min, t_max];
+  # needs model.second_time_embedder = True.
+  objective.imm = imm = ml_collections.ConfigDict()
+  imm.group_size = 4              # M particles per group, one (s, r, t) per group
+  imm.k = 12                      # r(s,t): eta decrement (eta(T) - eta(eps))/2^k (ImageNet 12, CIFAR 15)
+  imm.delta = 0.0                 # minimum gap t - r (1e-4 when training in low precision)
+  imm.f_type = "euler_fm"         # euler_fm | simple_edm | identity: the one-step map f_{s,t}
+  imm.kernel = "laplace"          # laplace | rbf
+  imm.rbf_bandwidth = 1.0         # rbf: h = rbf_bandwidth * |c_out(s,t)| * sqrt(D)
+  imm.a = 1.0                     # w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
+  imm.b = 4.0
+  imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)
+  imm.drop_target_labels = False  # also give the target pass the dropped labels
+  imm.target_full_precision = True  # target pass in float32 whatever model.compute_dtype
+  # objective.name = kdiff (specs/kdiff.md): u = k·x - (1-k)·n scored as a velocity, clamp
+  # objective.min_divisor; k = sigmoid(w_k), w_k trained with the network (no weight decay, in the EMA).
+  objective.kdiff = kdiff = ml_collections.ConfigDict()
+  kdiff.learnable = True          # False: k fixed at k_init (0 = eps, 0.5 = v, 1 = x baselines)
+  kdiff.k_init = 0.5              # learnable: w_k = logit(k_init), k_init in (0, 1)
+  kdiff.time_dependent = False    # k(t) = sigmoid((1-t)·w_k[0] + t·w_k[1]) (ablation; worse in the paper)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()
@@ -86,7 +108,10 @@ def get_config():
   sampling.grid_size = 8          # the PNG holds grid_size x grid_size samples
   sampling.use_ema = True
   sampling.num_samples = 64       # main.py --mode=sample
+  sampling.classes = ()           # main.py --mode=sample: classes to cycle through; () = all
   sampling.seed = 0
+  sampling.imm_method = "pushforward"  # objective.name = imm: pushforward | restart
+  sampling.imm_grid = "uniform_t"  # objective.name = imm: uniform_t | karras | cifar (1-2 steps)
 
   # --- mesh: device mesh and logical-axis rules. -1 = all remaining devices.
   config.mesh = mesh = ml_collections.ConfigDict()

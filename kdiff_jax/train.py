@@ -171,11 +171,11 @@ def make_train_step(s: Setup):
                  donate_argnums=(0,))
 
 
-def make_sample_fn(s: Setup, num_samples: int):
-  """sample(params, key) -> [num_samples, H, W, C] images, replicated on every host."""
+def make_sample_fn(s: Setup, labels):
+  """sample(params, key) -> [len(labels), H, W, C] images of the given classes, replicated on every host."""
   config = s.config
-  shape = (num_samples, config.data.image_size, config.data.image_size, config.data.channels)
-  labels = jnp.arange(num_samples, dtype=jnp.int32) % config.data.num_classes
+  labels = jnp.asarray(labels, jnp.int32)
+  shape = (labels.shape[0], config.data.image_size, config.data.image_size, config.data.channels)
 
   def sample(params, key):
     key_noise, key_sampler = jax.random.split(key)
@@ -183,6 +183,12 @@ def make_sample_fn(s: Setup, num_samples: int):
     return s.objective.sample(params, noise, labels, key_sampler)
 
   return jax.jit(sample, out_shardings=parallel.replicated(s.mesh))
+
+
+def cycling_labels(num_samples: int, classes):
+  """Labels for num_samples samples cycling through `classes`."""
+  classes = np.asarray(classes, np.int32)
+  return classes[np.arange(num_samples) % len(classes)]
 
 
 def sampling_params(state, config):
@@ -217,7 +223,8 @@ def train_and_evaluate(config, workdir: str):
       sharding=parallel.batch_sharding(s.mesh, config.mesh.rules), seed=config.seed,
       start_batch=position)
   train_step = make_train_step(s)
-  sample_fn = make_sample_fn(s, config.sampling.grid_size ** 2)
+  sample_fn = make_sample_fn(
+      s, cycling_labels(config.sampling.grid_size**2, range(config.data.num_classes)))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:

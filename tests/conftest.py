@@ -12,3 +12,16 @@ import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_default_matmul_precision", "float32")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_fm_run(tmp_path_factory):
+  """The README demo (configs/digits_fm.py), trained once per test session: (config, workdir)."""
+  from configs import digits_fm
+  from kdiff_jax import train
+  workdir = str(tmp_path_factory.mktemp("digits_fm"))
+  config = digits_fm.get_config()
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

@@ -8,12 +8,10 @@ import os
 
 import jax
 import numpy as np
-import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from kdiff_jax import checkpoint, train
-from configs import digits_fm
 
 
 def digit_classifier():
@@ -27,19 +25,11 @@ def conditional_accuracy(config, workdir, num_samples=500, seed=123):
   s = train.setup(config)
   mngr = checkpoint.manager(workdir, config.checkpoint)
   state, _ = checkpoint.restore(mngr, s.abstract_state)
-  sample = train.make_sample_fn(s, num_samples)
+  labels = train.cycling_labels(num_samples, range(config.data.num_classes))
+  sample = train.make_sample_fn(s, labels)
   images = np.asarray(sample(train.sampling_params(state, config), jax.random.key(seed)))
-  labels = np.arange(num_samples) % config.data.num_classes
   predicted = digit_classifier().predict(images.reshape(num_samples, -1))
   return float(np.mean(predicted == labels))
-
-
-@pytest.fixture(scope="session")
-def digits_fm_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits_fm"))
-  config = digits_fm.get_config()
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
 
 
 def test_demo_writes_checkpoints_events_and_grid(digits_fm_run):
