@@ -18,13 +18,18 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
 flags.DEFINE_enum("mode", "train", ["train", "sample"],
                   "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes "
+                    "off TPU (or set JAX_COORDINATOR_ADDRESS); TPU pods need nothing.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", -1, "This process's id (or JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   jax.config.update("jax_threefry_partitionable", True)
-  parallel.maybe_initialize_distributed()
+  parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                       FLAGS.process_id)
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if FLAGS.mode == "train":

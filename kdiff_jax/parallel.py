@@ -16,18 +16,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def maybe_initialize_distributed():
-  """jax.distributed.initialize() when this looks like one process of several.
+def maybe_initialize_distributed(coordinator_address="", num_processes=0, process_id=-1):
+  """jax.distributed.initialize() when this is one process of several.
 
-  On a TPU VM pod JAX discovers the other workers itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass nothing on a
-  single host, where this does nothing).
+  On a TPU VM pod (TPU_WORKER_HOSTNAMES lists several workers) JAX discovers the others
+  itself. Elsewhere pass the coordinator's host:port, the number of processes and this
+  process's id (main.py flags), or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. On one host with none of these it does nothing. CPU processes exchange
+  collectives through gloo.
   """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if address:
+    num_processes = num_processes or int(os.environ["JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id >= 0 else int(os.environ["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                               process_id=process_id)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
 

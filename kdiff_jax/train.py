@@ -11,8 +11,9 @@ initialisation jitted with those out_shardings, so full parameters never sit on 
 The step's randomness is fold_in(rng, step): a resumed run draws exactly what a straight run does.
 """
 import dataclasses
-import functools
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -202,6 +203,36 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class PreemptionWatch:
+  """watch(step) is True at the step where every process should checkpoint and stop.
+
+  Several processes: JAX's preemption sync (SIGTERM to any host; all agree on the next step,
+  multihost_utils.reached_preemption_sync_point must be called every step). One process: a
+  SIGTERM handler that the next step sees.
+  """
+
+  def __init__(self):
+    self.multihost = jax.process_count() > 1
+    self.signalled = False
+    if not self.multihost and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: checkpointing after this step, then exiting")
+    self.signalled = True
+
+  def __call__(self, step: int) -> bool:
+    if self.multihost:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled
+
+  def close(self):
+    if not self.multihost and hasattr(self, "previous"):
+      signal.signal(signal.SIGTERM, self.previous)
+
+
 def train_and_evaluate(config, workdir: str):
   """Train (resuming from the latest checkpoint in workdir) and return the final state."""
   s = setup(config)
@@ -238,6 +269,7 @@ def train_and_evaluate(config, workdir: str):
       png = images.save_grid(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
       writer.write_images(step, {"samples": png[None]})
 
+  preempted = PreemptionWatch()
   pending, history = None, []
   try:
     with metric_writers.ensure_flushes(writer):
@@ -249,6 +281,7 @@ def train_and_evaluate(config, workdir: str):
           history.append(_check_finite(*pending))
         pending = (step, metrics)
         report(step)
+        stop = preempted(step)
         last = step == training.num_steps
         if step % training.log_every == 0 or last:
           history.append(_check_finite(*pending))
@@ -258,12 +291,16 @@ def train_and_evaluate(config, workdir: str):
           history = []
         if training.sample_every and step % training.sample_every == 0 or last:
           write_samples(step)
-        if step % training.checkpoint_every == 0 or last:
+        if step % training.checkpoint_every == 0 or last or stop:
           if pending is not None:
             history.append(_check_finite(*pending))
             pending = None
           checkpoint.save(mngr, step, state, iterator.position, config)
+        if stop:
+          parallel.log_once("preempted: saved step %d, exiting", step)
+          break
   finally:
+    preempted.close()
     mngr.wait_until_finished()
     mngr.close()
   return state
