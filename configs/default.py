@@ -27,12 +27,15 @@ def get_config():
   data.latent_scale = 1.0
   data.toy_name = "8gaussians"    # 8gaussians | moons | checkerboard (data.name = toy2d)
   data.shuffle_buffer = 10_000    # tfds only
+  data.vae_path = ""              # SD-VAE weights (diffusers dir or .safetensors): encode_latents, decoding latent samples
+  data.latent_shard_size = 10_000  # main.py --mode=encode_latents: examples per shard
+  data.encode_batch_size = 64     # main.py --mode=encode_latents: images per VAE call on each process
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit | mlp (mlp: flat inputs [B, data.channels], e.g. 2-D toys)
-  model.size = "S"                # T | XS | S | B | L | XL (T, XS: tiny CPU sizes)
-  model.patch_size = 2            # 1 | 2 | 4 | 8
+  model.name = "dit"              # dit | jit (pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
+  model.size = "S"                # T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H
+  model.patch_size = 2            # 1 | 2 | 4 | 8 (| 16 | 32 for jit)
   model.mlp_ratio = 4.0
   model.second_time_embedder = False  # a second time input (IMM's s or t - s)
   model.time_scale = 1000.0       # the time embedder sees time_scale * t
@@ -54,7 +57,7 @@ def get_config():
   objective.t_max = 1.0
   objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
   objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
-  objective.min_divisor = 0.0     # clamp for divisions by sigma / alpha / Delta near the ends (JiT, k-Diff: 0.05)
+  objective.min_divisor = 0.0     # clamp of divisions by sigma / alpha / Delta near the ends (JiT: 0.05)
   # objective.name = imm (specs/imm.md): sigma_d = noise_std (0.5), [eps, T] = [t_min, t_max];
   # needs model.second_time_embedder = True.
   objective.imm = imm = ml_collections.ConfigDict()
@@ -69,12 +72,13 @@ def get_config():
   imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)
   imm.drop_target_labels = False  # also give the target pass the dropped labels
   imm.target_full_precision = True  # target pass in float32 whatever model.compute_dtype
-  # objective.name = kdiff (specs/kdiff.md): u = k·x - (1-k)·n scored as a velocity, clamp
-  # objective.min_divisor; k = sigmoid(w_k), w_k trained with the network (no weight decay, in the EMA).
+  # objective.name = kdiff (specs/kdiff.md): u = k·x - (1-k)·n scored as a velocity with the clamp
+  # objective.min_divisor (0.05); k = sigmoid(w_k), w_k trained with the net (no decay, in the EMA).
   objective.kdiff = kdiff = ml_collections.ConfigDict()
   kdiff.learnable = True          # False: k fixed at k_init (0 = eps, 0.5 = v, 1 = x baselines)
-  kdiff.k_init = 0.5              # learnable: w_k = logit(k_init), k_init in (0, 1)
-  kdiff.time_dependent = False    # k(t) = sigmoid((1-t)·w_k[0] + t·w_k[1]) (ablation; worse in the paper)
+  kdiff.k_init = 0.5              # learnable: k_init in (0, 1)
+  kdiff.w_k_scale = 1.0           # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
+  kdiff.time_dependent = False    # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()
@@ -126,9 +130,24 @@ def get_config():
       ("classes", None),
   )
 
+  # --- eval: FID / IS / precision-recall (kdiff_jax/evaluate.py): in-loop FID-n and --mode=eval.
+  config.eval = eval_ = ml_collections.ConfigDict()
+  eval_.fid_every = 0             # steps between in-loop FID-n; 0 = never
+  eval_.fid_num_samples = 10_000  # n of the in-loop FID-n
+  eval_.num_samples = 50_000      # main.py --mode=eval
+  eval_.batch_size = 256          # global batch of sampling and Inception
+  eval_.inception_path = ""       # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz)
+  eval_.reference_path = ""       # ADM reference .npz (mu, sigma, arr_0); "" = the training data
+  eval_.reference_num_examples = 50_000  # reference_path = "": images of the data stream used
+
   # --- checkpoint: Orbax.
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.max_to_keep = 3
   checkpoint.async_save = True
+
+  # --- export: main.py --mode=export (kdiff_jax/export): .safetensors, .pt and .json for PyTorch.
+  config.export = export = ml_collections.ConfigDict()
+  export.use_ema = True           # the EMA weights of the first decay; False: the raw weights
+  export.output_dir = ""          # "" = <workdir>/export
 
   return config

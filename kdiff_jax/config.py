@@ -6,15 +6,16 @@ registry's names; numbers must be in range. Errors name the field and the allowe
 import ml_collections
 
 from configs import default
-from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow
+from kdiff_jax import parameterization, samplers, schedules
+from kdiff_jax.objectives import flow, imm
+from kdiff_jax.samplers import imm as imm_sampling
 
 # Field -> allowed values (from the registries where one exists).
 CHOICES = {
     "data.name": ("digits", "synthetic", "tfds", "latents", "toy2d"),
-    "model.name": ("dit",),
-    "model.size": ("T", "XS", "S", "B", "L", "XL"),
-    "model.patch_size": (1, 2, 4, 8),
+    "model.name": ("dit", "mlp", "jit"),
+    "model.size": ("T", "XS", "S", "B", "L", "XL", "H"),
+    "model.patch_size": (1, 2, 4, 8, 16, 32),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "objective.schedule": tuple(schedules.SCHEDULES),
@@ -22,6 +23,13 @@ CHOICES = {
     "objective.loss_target": parameterization.PREDICTIONS,
     "objective.time_sampling": flow.TIME_SAMPLINGS,
     "optimizer.lr_schedule": ("constant", "cosine"),
+    "sampling.method": samplers.METHODS,
+    "sampling.grid": samplers.GRIDS,
+    "objective.imm.f_type": imm.F_TYPES,
+    "objective.imm.kernel": imm.KERNELS,
+    "objective.imm.time_conditioning": imm.TIME_CONDITIONINGS,
+    "sampling.imm_method": imm_sampling.METHODS,
+    "sampling.imm_grid": imm_sampling.GRIDS,
 }
 
 # Field -> (predicate, what it must be).
@@ -31,12 +39,21 @@ RANGES = {
     "data.channels": (lambda v: v > 0, "> 0"),
     "data.num_classes": (lambda v: v > 0, "> 0"),
     "model.mlp_ratio": (lambda v: v > 0, "> 0"),
+    "model.mlp_width": (lambda v: v > 0, "> 0"),
+    "model.mlp_depth": (lambda v: v >= 0, ">= 0"),
     "objective.t_min": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "objective.t_max": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "objective.noise_std": (lambda v: v > 0, "> 0"),
     "objective.logit_normal_std": (lambda v: v > 0, "> 0"),
     "objective.label_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "objective.min_divisor": (lambda v: v >= 0, ">= 0"),
+    "objective.kdiff.k_init": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "objective.kdiff.w_k_scale": (lambda v: v > 0, "> 0"),
+    "objective.imm.group_size": (lambda v: v >= 1, ">= 1"),
+    "objective.imm.k": (lambda v: v >= 0, ">= 0"),
+    "objective.imm.delta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "objective.imm.rbf_bandwidth": (lambda v: v > 0, "> 0"),
+    "objective.imm.a": (lambda v: v >= 0, ">= 0"),
     "optimizer.learning_rate": (lambda v: v > 0, "> 0"),
     "optimizer.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "optimizer.b1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -54,6 +71,13 @@ RANGES = {
     "sampling.grid_size": (lambda v: v > 0, "> 0"),
     "sampling.num_samples": (lambda v: v > 0, "> 0"),
     "checkpoint.max_to_keep": (lambda v: v > 0, "> 0"),
+    "data.latent_shard_size": (lambda v: v > 0, "> 0"),
+    "data.encode_batch_size": (lambda v: v > 0, "> 0"),
+    "eval.fid_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
+    "eval.fid_num_samples": (lambda v: v > 1, "> 1"),
+    "eval.num_samples": (lambda v: v > 1, "> 1"),
+    "eval.batch_size": (lambda v: v > 0, "> 0"),
+    "eval.reference_num_examples": (lambda v: v > 1, "> 1"),
 }
 
 

@@ -106,6 +106,19 @@ def interpolate(x, n, t, schedule):
   return schedule.alpha(t) * x + schedule.sigma(t) * n
 
 
+def ddim(x_t, x, s, t, schedule):
+  """DDIM interpolant DDIM(x_t, x, s, t) = (alpha_s - alpha_t·sigma_s/sigma_t)·x + (sigma_s/sigma_t)·x_t.
+
+  The point at time s on the line through x_t with data estimate x (Song et al. 2021, Eq. 12;
+  IMM, Zhou et al. 2025, Eq. 11): x_s = alpha_s·x + sigma_s·n_hat with n_hat = (x_t - alpha_t·x)/sigma_t.
+  DDIM(x_t, x, t, t) = x_t, DDIM(x_t, x, 0, t) = x, and it is self-consistent:
+  DDIM(DDIM(x_t, x, r, t), x, s, r) = DDIM(x_t, x, s, t).
+  """
+  s, t = broadcast_time(s, x_t), broadcast_time(t, x_t)
+  ratio = schedule.sigma(s) / schedule.sigma(t)
+  return (schedule.alpha(s) - schedule.alpha(t) * ratio) * x + ratio * x_t
+
+
 def _check_k(k, x):
   """k is a scalar or per-example [B] (a time-dependent k(t))."""
   if k is None:

@@ -2,9 +2,10 @@
 from flax import nnx
 
 from kdiff_jax.models.dit import DiT, SIZES, dit_from_config, torch_name
+from kdiff_jax.models.jit import JiT, jit_from_config
 from kdiff_jax.models.mlp import MLP, mlp_from_config
 
-MODELS = ("dit", "mlp")
+MODELS = ("dit", "mlp", "jit")
 
 
 def build(config, rngs: nnx.Rngs) -> nnx.Module:
@@ -16,7 +17,9 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
     return dit_from_config(config, rngs)
   if config.model.name == "mlp":
     return mlp_from_config(config, rngs)
+  if config.model.name == "jit":
+    return jit_from_config(config, rngs)
   raise ValueError(f"model.name={config.model.name!r}: allowed values are {list(MODELS)}")
 
 
-__all__ = ["DiT", "MLP", "SIZES", "MODELS", "build", "torch_name"]
+__all__ = ["DiT", "JiT", "MLP", "SIZES", "MODELS", "build", "torch_name"]

@@ -32,14 +32,18 @@ PATCH_SIZES = (1, 2, 4, 8)
 
 
 class DiTBlock(nnx.Module):
-  """adaLN-Zero block: x += gate·attn(modulate(norm1(x))); x += gate·mlp(modulate(norm2(x)))."""
+  """adaLN-Zero block: x += gate·attn(modulate(norm1(x))); x += gate·mlp(modulate(norm2(x))).
+
+  DiT: norm = LayerNorm without affine, mlp = GELU Mlp. JiT (models/jit.py) builds the same
+  block with norm = layers.rms_norm, mlp = layers.SwiGLU, qk_norm = True and passes `rope`.
+  """
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
-    self.norm1 = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
-    self.attn = layers.Attention(hidden_size, num_heads, dtype=dtype, rngs=rngs)
-    self.norm2 = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
-    self.mlp = layers.Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, rngs=rngs)
+               dtype=jnp.float32, norm=layers.layer_norm, mlp=layers.Mlp, qk_norm: bool = False):
+    self.norm1 = norm(hidden_size, dtype=dtype, rngs=rngs)
+    self.attn = layers.Attention(hidden_size, num_heads, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
+    self.norm2 = norm(hidden_size, dtype=dtype, rngs=rngs)
+    self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, rngs=rngs)
     # adaLN-Zero: the modulation starts at zero, so the block starts as the identity.
     self.adaLN_modulation = nnx.List([
         jax.nn.silu,
@@ -47,12 +51,13 @@ class DiTBlock(nnx.Module):
                       dtype=dtype, rngs=rngs),
     ])
 
-  def __call__(self, x, c):
+  def __call__(self, x, c, rope=None):
     modulation = c
     for layer in self.adaLN_modulation:
       modulation = layer(modulation)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
-    x = x + gate_msa[:, None] * self.attn(layers.modulate(self.norm1(x), shift_msa, scale_msa))
+    x = x + gate_msa[:, None] * self.attn(layers.modulate(self.norm1(x), shift_msa, scale_msa),
+                                          rope)
     x = x + gate_mlp[:, None] * self.mlp(layers.modulate(self.norm2(x), shift_mlp, scale_mlp))
     return x
 
@@ -61,8 +66,8 @@ class FinalLayer(nnx.Module):
   """linear(modulate(norm_final(x), shift, scale)) -> p·p·C per token; zero-initialised."""
 
   def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
-    self.norm_final = layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
+               dtype=jnp.float32, norm=layers.layer_norm):
+    self.norm_final = norm(hidden_size, dtype=dtype, rngs=rngs)
     self.linear = layers.linear(hidden_size, patch_size * patch_size * out_channels,
                                 ("embed", None), kernel_init=layers.zeros, dtype=dtype, rngs=rngs)
     self.adaLN_modulation = nnx.List([
@@ -149,31 +154,38 @@ class DiT(nnx.Module):
     return x.astype(jnp.float32)
 
 
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight"}
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
 
 
 def torch_name(path) -> str:
-  """Flattened nnx param path -> torch DiT state_dict key.
+  """Flattened nnx param path -> torch DiT (or JiT) state_dict key.
 
   The rule: join the path with '.', except that the leaf is renamed kernel -> weight, bias -> bias,
-  and an nnx.Embed's 'embedding' -> 'weight' (replacing it). Examples:
+  an nnx.Embed's 'embedding' -> 'weight' and a norm's 'scale' -> 'weight' (replacing it); a
+  parameter held directly by the model keeps its name (JiT's 'in_context_posemb'). Examples:
   ('blocks', 3, 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
   ('y_embedder', 'embedding_table', 'embedding') -> 'y_embedder.embedding_table.weight'.
   """
   *module, leaf = (getattr(p, "key", p) for p in path)
+  if not module:
+    return str(leaf)
   if leaf not in _TORCH_LEAF:
     raise ValueError(f"no torch name for parameter path {tuple(path)}")
   return ".".join(str(p) for p in module + [_TORCH_LEAF[leaf]])
 
 
-def dit_from_config(config, rngs: nnx.Rngs) -> DiT:
-  """A DiT from config.model.* and config.data.{image_size, channels, num_classes}."""
+def checked_model_config(config, sizes, patch_sizes):
+  """(sizes[model.size], compute dtype) after checking config.model against a model's tables.
+
+  Checks model.size, model.patch_size, model.compute_dtype, model.remat and that the patch
+  divides data.image_size; errors name the field and the allowed values.
+  """
   model = config.model
-  if model.size not in SIZES:
-    raise ValueError(f"model.size={model.size!r}: allowed values are {list(SIZES)}")
-  if model.patch_size not in PATCH_SIZES:
+  if model.size not in sizes:
+    raise ValueError(f"model.size={model.size!r}: allowed values are {list(sizes)}")
+  if model.patch_size not in patch_sizes:
     raise ValueError(f"model.patch_size={model.patch_size!r}: "
-                     f"allowed values are {list(PATCH_SIZES)}")
+                     f"allowed values are {list(patch_sizes)}")
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if model.compute_dtype not in dtypes:
     raise ValueError(f"model.compute_dtype={model.compute_dtype!r}: "
@@ -182,9 +194,15 @@ def dit_from_config(config, rngs: nnx.Rngs) -> DiT:
   if config.data.image_size % model.patch_size:
     raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of "
                      f"model.patch_size={model.patch_size}")
-  depth, hidden_size, num_heads = SIZES[model.size]
+  return sizes[model.size], dtypes[model.compute_dtype]
+
+
+def dit_from_config(config, rngs: nnx.Rngs) -> DiT:
+  """A DiT from config.model.* and config.data.{image_size, channels, num_classes}."""
+  model = config.model
+  (depth, hidden_size, num_heads), dtype = checked_model_config(config, SIZES, PATCH_SIZES)
   return DiT(input_size=config.data.image_size, in_channels=config.data.channels,
              patch_size=model.patch_size, hidden_size=hidden_size, depth=depth,
              num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
              second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
-             dtype=dtypes[model.compute_dtype], remat=model.remat, rngs=rngs)
+             dtype=dtype, remat=model.remat, rngs=rngs)

@@ -1,8 +1,10 @@
-"""Layers shared by the DiT (models/dit.py) and the pixel JiT: embeddings, attention, MLP, patches.
+"""Layers shared by the DiT (models/dit.py) and the pixel JiT (models/jit.py): embeddings,
+attention (optionally with JiT's qk-norm and 2-D RoPE), MLP, norms, patches.
 
-Written after facebookresearch/DiT `models.py` (Peebles & Xie 2023) and timm's `Attention` /
-`Mlp`, with the same attribute names so a parameter path maps onto the PyTorch state_dict key by
-a rename (see `dit.torch_name`) and a transpose.
+Written after facebookresearch/DiT `models.py` (Peebles & Xie 2023), timm's `Attention` /
+`Mlp` and LTH14/JiT `model_jit.py` / `util/model_util.py` (Li & He 2025), with the same
+attribute names so a parameter path maps onto the PyTorch state_dict key by a rename (see
+`dit.torch_name`) and a transpose.
 
 Conventions:
 * Images are NHWC; tokens are [B, T, D] in row-major patch order (as torch's
@@ -28,6 +30,10 @@ FREQUENCY_EMBEDDING_SIZE = 256
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
+# xavier_uniform on torch's flattened [out, C·kh·kw] view of a conv kernel [kh, kw, C, out]
+# (DiT and JiT initialise their patch convs "like nn.Linear").
+conv_xavier_uniform = nnx.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
 def partitioned(init, axes: Sequence[str | None]):
@@ -53,6 +59,17 @@ def layer_norm(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Layer
   return nnx.LayerNorm(features, epsilon=1e-6, use_bias=False, use_scale=False,
                        use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32,
                        rngs=rngs)
+
+
+def rms_norm(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32, axis_name: str | None = "embed"
+             ) -> nnx.RMSNorm:
+  """JiT's RMSNorm: x / sqrt(mean(x^2) + 1e-6) · weight (weight init 1, stats in float32).
+
+  The learned weight is named `scale` (torch: `weight`) with logical axis `axis_name`.
+  """
+  return nnx.RMSNorm(features, epsilon=1e-6, use_fast_variance=False, dtype=dtype,
+                     param_dtype=jnp.float32,
+                     scale_init=partitioned(nnx.initializers.ones_init(), (axis_name,)), rngs=rngs)
 
 
 def modulate(x, shift, scale):
@@ -144,21 +161,69 @@ class LabelEmbedder(nnx.Module):
     return self.embedding_table(labels)
 
 
+@functools.lru_cache(maxsize=None)
+def rope_2d(head_dim: int, grid_size: int, num_prefix_tokens: int = 0,
+            theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """2-D rotary position embedding (cos, sin), each [num_prefix_tokens + grid_size², head_dim].
+
+  JiT's VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid_size) (EVA-02, Fang et al.
+  2023): with f_i = theta^(-2i/(head_dim/2)), i < head_dim/4, channel pair (2i, 2i+1) of the
+  first half of each head is rotated by row·f_i, pair (2i, 2i+1) of the second half by col·f_i
+  (token = row·grid_size + col, row-major). Prefix tokens (JiT's in-context class tokens) get
+  cos = 1, sin = 0: no rotation. Float32 read-only constants.
+  """
+  assert head_dim % 4 == 0, f"head_dim {head_dim} must be divisible by 4 for 2-D RoPE"
+  quarter = head_dim // 4
+  freqs = theta ** (-np.arange(quarter, dtype=np.float64) / quarter)
+  angles = np.repeat(np.arange(grid_size, dtype=np.float64)[:, None] * freqs, 2, axis=1)
+  rows = np.broadcast_to(angles[:, None, :], (grid_size, grid_size, 2 * quarter))
+  cols = np.broadcast_to(angles[None, :, :], (grid_size, grid_size, 2 * quarter))
+  angle = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, head_dim)
+  cos = np.concatenate([np.ones((num_prefix_tokens, head_dim)), np.cos(angle)]).astype(np.float32)
+  sin = np.concatenate([np.zeros((num_prefix_tokens, head_dim)), np.sin(angle)]).astype(np.float32)
+  cos.setflags(write=False)
+  sin.setflags(write=False)
+  return cos, sin
+
+
+def apply_rope(x, rope):
+  """x·cos + rotate_half(x)·sin with rotate_half(x)_(2i, 2i+1) = (-x_(2i+1), x_(2i)).
+
+  x [B, T, heads, head_dim]; rope = rope_2d(...) = (cos, sin), each [T, head_dim].
+  """
+  cos, sin = (jnp.asarray(r, x.dtype)[:, None, :] for r in rope)
+  pairs = x.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return x * cos + rotated * sin
+
+
 # --- transformer pieces ----------------------------------------------------------------------
 
 class Attention(nnx.Module):
-  """timm Attention (qkv_bias=True): fused qkv [D, 3D] in (3, heads, head_dim) order."""
+  """timm Attention (qkv_bias=True): fused qkv [D, 3D] in (3, heads, head_dim) order.
 
-  def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  qk_norm (JiT): per-head RMSNorm of q and k (`q_norm`, `k_norm`); `rope` = rope_2d(...)
+  rotates q and k after the norm.
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               qk_norm: bool = False):
     assert hidden_size % num_heads == 0, (hidden_size, num_heads)
     self.num_heads = num_heads
+    head_dim = hidden_size // num_heads
+    self.q_norm = rms_norm(head_dim, axis_name=None, dtype=dtype, rngs=rngs) if qk_norm else None
+    self.k_norm = rms_norm(head_dim, axis_name=None, dtype=dtype, rngs=rngs) if qk_norm else None
     self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "heads"), dtype=dtype, rngs=rngs)
     self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, rope=None):
     batch, tokens, dim = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     # XLA path: logits and softmax in float32, probabilities cast back to the compute dtype.
     out = jax.nn.dot_product_attention(q, k, v)
     return self.proj(out.reshape(batch, tokens, dim))
@@ -175,6 +240,22 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
+class SwiGLU(nnx.Module):
+  """JiT's SwiGLUFFN: w3(silu(x1) · x2), (x1, x2) = split(w12(x)), hidden int(mlp_hidden·2/3).
+
+  The 2/3 keeps the parameter count of a GELU MLP of hidden mlp_hidden (Shazeer 2020).
+  """
+
+  def __init__(self, hidden_size: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    swiglu_hidden = int(mlp_hidden * 2 / 3)
+    self.w12 = linear(hidden_size, 2 * swiglu_hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.w3 = linear(swiglu_hidden, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
+    return self.w3(jax.nn.silu(x1) * x2)
+
+
 class PatchEmbed(nnx.Module):
   """timm PatchEmbed: Conv(kernel = stride = patch) on NHWC, then [B, h·w, D] row-major tokens.
 
@@ -184,13 +265,11 @@ class PatchEmbed(nnx.Module):
   def __init__(self, patch_size: int, in_channels: int, hidden_size: int, *, rngs: nnx.Rngs,
                dtype=jnp.float32):
     self.patch_size = patch_size
-    flat_xavier = nnx.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
     self.proj = nnx.Conv(
         in_channels, hidden_size, kernel_size=(patch_size, patch_size),
         strides=(patch_size, patch_size), padding="VALID", use_bias=True,
         dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(flat_xavier, (None, None, None, "embed")),
+        kernel_init=partitioned(conv_xavier_uniform, (None, None, None, "embed")),
         bias_init=partitioned(zeros, ("embed",)), rngs=rngs)
 
   def __call__(self, x):

@@ -12,7 +12,7 @@ in float32 whatever model.compute_dtype says); objectives know nothing of meshes
 import dataclasses
 from typing import Any, Callable
 
-from kdiff_jax.objectives import flow, imm
+from kdiff_jax.objectives import flow, imm, kdiff
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Objective:
   group_size: int = 1
 
 
-BUILDERS = {"flow": flow.build, "imm": imm.build}
+BUILDERS = {"flow": flow.build, "imm": imm.build, "kdiff": kdiff.build}
 
 
 def build(config, apply_fn) -> Objective:

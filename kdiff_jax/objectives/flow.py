@@ -39,6 +39,22 @@ def drop_labels(rng, labels, probability, null_label):
   return jnp.where(drop, null_label, labels)
 
 
+def noised_batch(batch, rng, config, schedule):
+  """(x, n, t, x_t, labels) of one training batch.
+
+  t ~ p(t) (sample_time), n ~ N(0, noise_std^2 I), x_t = alpha_t·x + sigma_t·n, and labels
+  replaced by the null label with probability label_dropout.
+  """
+  cfg = config.objective
+  x = batch["image"]
+  rng_t, rng_n, rng_y = jax.random.split(rng, 3)
+  t = sample_time(rng_t, x.shape[0], cfg)
+  n = cfg.noise_std * jax.random.normal(rng_n, x.shape, jnp.float32)
+  x_t = parameterization.interpolate(x, n, t, schedule)
+  labels = drop_labels(rng_y, batch["label"], cfg.label_dropout, config.data.num_classes)
+  return x, n, t, x_t, labels
+
+
 def regression_loss(prediction_output, x, n, x_t, t, schedule, *, prediction, loss_target,
                     k=None, noise_std=1.0, min_divisor=0.0):
   """Per-example mean squared error between the prediction and the target, both in `loss_target` space."""
@@ -50,8 +66,11 @@ def regression_loss(prediction_output, x, n, x_t, t, schedule, *, prediction, lo
   return jnp.mean(jnp.square(error), axis=tuple(range(1, error.ndim)))
 
 
-def ode_sampler(config, apply_fn, schedule, prediction):
-  """sample(params, noise, labels, key, k=None): the configured ODE/SDE sampler with CFG."""
+def ode_sampler(config, apply_fn, schedule, prediction, min_divisor=0.0):
+  """sample(params, noise, labels, key, k=None): the configured ODE/SDE sampler with CFG.
+
+  min_divisor: the clamp of parameterization.to_x_eps, the same one the loss used.
+  """
   sampling = config.sampling
 
   def sample(params, noise, labels, key, k=None):
@@ -62,7 +81,7 @@ def ode_sampler(config, apply_fn, schedule, prediction):
     return samplers.sample(
         model_fn, noise, schedule=schedule, prediction=prediction, method=sampling.method,
         num_steps=sampling.num_steps, key=key, grid=sampling.grid, t_start=sampling.t_start,
-        t_end=sampling.t_end, k=k, noise_std=config.objective.noise_std)
+        t_end=sampling.t_end, k=k, noise_std=config.objective.noise_std, min_divisor=min_divisor)
 
   return sample
 
@@ -74,12 +93,7 @@ def build(config, apply_fn):
   parameterization.check_prediction(cfg.loss_target, "objective.loss_target")
 
   def loss(params, batch, rng):
-    x, labels = batch["image"], batch["label"]
-    rng_t, rng_n, rng_y = jax.random.split(rng, 3)
-    t = sample_time(rng_t, x.shape[0], cfg)
-    n = cfg.noise_std * jax.random.normal(rng_n, x.shape, jnp.float32)
-    x_t = parameterization.interpolate(x, n, t, schedule)
-    labels = drop_labels(rng_y, labels, cfg.label_dropout, config.data.num_classes)
+    x, n, t, x_t, labels = noised_batch(batch, rng, config, schedule)
     output = apply_fn(params["net"], x_t, t, labels).astype(jnp.float32)
     per_example = regression_loss(output, x, n, x_t, t, schedule, prediction=cfg.prediction,
                                   loss_target=cfg.loss_target, noise_std=cfg.noise_std,
@@ -87,4 +101,5 @@ def build(config, apply_fn):
     value = jnp.mean(per_example)
     return value, {"loss": value}
 
-  return dict(loss=loss, sample=ode_sampler(config, apply_fn, schedule, cfg.prediction))
+  return dict(loss=loss, sample=ode_sampler(config, apply_fn, schedule, cfg.prediction,
+                                            min_divisor=cfg.min_divisor))

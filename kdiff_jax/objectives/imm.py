@@ -1,0 +1,243 @@
+"""Inductive Moment Matching (Zhou, Ermon, Song 2025, arXiv 2503.07565; specs/imm.md).
+
+A few-step generator trained from scratch. Per group of M particles (independent (x, n, y)
+draws; n ~ N(0, sigma_d^2 I)) and one time triple eps <= s <= r < t <= T per group:
+
+  x_t = alpha_t·x + sigma_t·n,   x_r = alpha_r·x + sigma_r·n           (the same x and n)
+  y_t = f_{s,t}(x_t)                                 online pass: gradients, dropped labels
+  y_r = stop_gradient(f_{s,r}(x_r))                  target pass: current weights, float32
+  loss = mean over groups of w(s,t)·MMD^2(y_t, y_r)  (V-statistic over all M x M pairs, Eq. 67)
+
+with t ~ p(t) on [eps, T] = [objective.t_min, objective.t_max], s ~ U(eps, t) and r(s, t) a
+constant decrement in eta = sigma/alpha (`intermediate_time`). The network G sees
+c_in(t)·x_t, t and s (or the stride t - s); the one-step map f_{s,t}(x_t) = c_skip·x_t + c_out·G
+is `map_coefficients`. Kernels are Laplace (the paper's) or RBF, with a scale proportional to
+|c_out(s,t)|; the weighting is Eq. 13 (`weight`). Kernel and weight math run in float32.
+Particle groups are consecutive rows of the batch: rows g·M .. g·M + M - 1 form group g, so the
+objective's `group_size` = M keeps every group whole on one device.
+"""
+import jax
+import jax.numpy as jnp
+
+from kdiff_jax import parameterization, schedules
+from kdiff_jax.objectives import flow
+from kdiff_jax.samplers import imm as imm_sampling
+
+F_TYPES = ("euler_fm", "simple_edm", "identity")
+KERNELS = ("laplace", "rbf")
+TIME_CONDITIONINGS = ("identity", "stride")
+
+# Floor on the squared distance inside the Laplace kernel's square root: the V-statistic has
+# distance-0 diagonal pairs, where d sqrt(u)/du is infinite (specs/imm.md).
+SQUARED_DISTANCE_FLOOR = 1e-8
+# Floor on |c_out(s,t)| (the kernel scale): c_out = 0 when s = t, which float32 draws can hit.
+KERNEL_SCALE_FLOOR = 1e-8
+
+
+def intermediate_time(s, t, schedule, *, t_min, t_max, k, delta):
+  """r(s,t) = max(s, min(t - delta, eta^-1(max(eta_t - eps, eta_min)))), eps = (eta_max - eta_min)/2^k.
+
+  IMM Sec. 4 / App. C: a constant decrement eps in eta = sigma/alpha, with eta_min = eta(t_min)
+  and eta_max = eta(t_max); delta is a minimum gap t - r (1e-4 for low-precision training).
+  """
+  eta_min, eta_max = float(schedule.eta(float(t_min))), float(schedule.eta(float(t_max)))
+  decrement = (eta_max - eta_min) / 2.0**k
+  eta_r = jnp.maximum(schedule.eta(t) - decrement, eta_min)
+  return jnp.maximum(s, jnp.minimum(t - delta, schedule.eta_inv(eta_r)))
+
+
+def sample_times(rng, num_groups, objective_config):
+  """(s, r, t), one triple per group: t ~ p(t) on [t_min, t_max] (flow.sample_time), s ~ U(t_min, t), r = r(s,t)."""
+  cfg = objective_config
+  rng_t, rng_s = jax.random.split(rng)
+  t = flow.sample_time(rng_t, num_groups, cfg)
+  s = cfg.t_min + (t - cfg.t_min) * jax.random.uniform(rng_s, (num_groups,), jnp.float32)
+  r = intermediate_time(s, t, schedules.get(cfg.schedule), t_min=cfg.t_min, t_max=cfg.t_max,
+                        k=cfg.imm.k, delta=cfg.imm.delta)
+  return s, r, t
+
+
+def map_coefficients(f_type, s, t, schedule, sigma_d):
+  """(c_skip, c_out) of the one-step map f_{s,t}(x_t) = c_skip·x_t + c_out·G (IMM App. C.6).
+
+  euler_fm:   f = x_t - (t - s)·sigma_d·G
+  simple_edm: f = (alpha_t·alpha_s + sigma_t·sigma_s)/(alpha_t^2 + sigma_t^2)·x_t
+                  - (alpha_s·sigma_t - alpha_t·sigma_s)/sqrt(alpha_t^2 + sigma_t^2)·sigma_d·G
+  identity:   f = DDIM(x_t, G, s, t) (parameterization.ddim, linear in x_t and G).
+  Every map is the identity at s = t (c_skip = 1, c_out = 0).
+  """
+  if f_type == "euler_fm":
+    return jnp.ones_like(t), -(t - s) * sigma_d
+  if f_type == "simple_edm":
+    alpha_s, sigma_s = schedule.alpha(s), schedule.sigma(s)
+    alpha_t, sigma_t = schedule.alpha(t), schedule.sigma(t)
+    norm = alpha_t**2 + sigma_t**2
+    return ((alpha_t * alpha_s + sigma_t * sigma_s) / norm,
+            -(alpha_s * sigma_t - alpha_t * sigma_s) / jnp.sqrt(norm) * sigma_d)
+  if f_type == "identity":
+    return (parameterization.ddim(1.0, 0.0, s, t, schedule),
+            parameterization.ddim(0.0, 1.0, s, t, schedule))
+  raise ValueError(f"objective.imm.f_type={f_type!r}: allowed values are {list(F_TYPES)}")
+
+
+def one_step_map(f_type, x_t, output, s, t, schedule, sigma_d):
+  """f_{s,t}(x_t) = c_skip(s,t)·x_t + c_out(s,t)·G for the network output G (`map_coefficients`)."""
+  c_skip, c_out = map_coefficients(f_type, s, t, schedule, sigma_d)
+  return (parameterization.broadcast_time(c_skip, x_t) * x_t
+          + parameterization.broadcast_time(c_out, x_t) * output)
+
+
+def input_scale(t, schedule, sigma_d):
+  """c_in(t) = 1/(sigma_d·sqrt(alpha_t^2 + sigma_t^2)): the network sees c_in·x_t (IMM App. C.6)."""
+  return 1.0 / (sigma_d * jnp.sqrt(schedule.alpha(t)**2 + schedule.sigma(t)**2))
+
+
+def weight(t, schedule, a, b):
+  """w(s,t) = 1/2·sigmoid(b - lambda_t)·(-d lambda_t/dt)·alpha_t^a/(alpha_t^2 + sigma_t^2) (IMM Eq. 13).
+
+  lambda_t = 2·log(alpha_t/sigma_t) is the log-SNR (twice schedule.lambda_); for rectified flow
+  -d lambda/dt = 2/(t(1 - t)). As t -> 0 the weight -> 0 (sigmoid -> 0 faster than -d lambda/dt
+  grows); t is floored at the smallest normal float32 so that float32 gives 0·finite, not 0·inf.
+  """
+  t = jnp.maximum(t, jnp.finfo(jnp.float32).tiny)
+  log_snr = 2.0 * schedule.lambda_(t)
+  alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+  return (0.5 * jax.nn.sigmoid(b - log_snr) * (-2.0 * schedule.lambda_dot(t))
+          * alpha**a / (alpha**2 + sigma**2))
+
+
+def kernel_matrix(squared_distance, scale, dim, kernel, rbf_bandwidth):
+  """k(a, b) from the squared distance, with the per-group scale |c_out(s,t)| (broadcasts).
+
+  laplace: exp(-sqrt(max(|a - b|^2, 1e-8))/(scale·D))   (IMM App. C; D = elements per sample)
+  rbf:     exp(-|a - b|^2/(2·h^2)),  h = rbf_bandwidth·scale·sqrt(D)
+  """
+  if kernel == "laplace":
+    distance = jnp.sqrt(jnp.maximum(squared_distance, SQUARED_DISTANCE_FLOOR))
+    return jnp.exp(-distance / (scale * dim))
+  if kernel == "rbf":
+    bandwidth = rbf_bandwidth * scale * jnp.sqrt(float(dim))
+    return jnp.exp(-squared_distance / (2.0 * bandwidth**2))
+  raise ValueError(f"objective.imm.kernel={kernel!r}: allowed values are {list(KERNELS)}")
+
+
+def group_mmd2(y_t, y_r, scale, *, kernel, rbf_bandwidth=1.0):
+  """V-statistic MMD^2 per group: mean K(y_t, y_t) + mean K(y_r, y_r) - 2·mean K(y_t, y_r).
+
+  y_t, y_r: [G, M, ...] float32 particles; scale: [G] kernel scales. All M x M pairs, diagonal
+  included (IMM Eq. 67). Distances are taken from differences (no |a|^2 + |b|^2 - 2ab cancellation).
+  """
+  groups, particles = y_t.shape[:2]
+  y = jnp.concatenate([y_t, y_r], axis=1).reshape(groups, 2 * particles, -1)
+  squared_distance = jnp.sum(jnp.square(y[:, :, None] - y[:, None, :]), axis=-1)
+  gram = kernel_matrix(squared_distance, scale[:, None, None], y.shape[-1], kernel, rbf_bandwidth)
+  m = particles
+  return (jnp.mean(gram[:, :m, :m], axis=(1, 2)) + jnp.mean(gram[:, m:, m:], axis=(1, 2))
+          - 2.0 * jnp.mean(gram[:, :m, m:], axis=(1, 2)))
+
+
+def check_config(config):
+  """Fail before compiling on settings IMM cannot train with (choices: config.validate)."""
+  cfg = config.objective
+  if not config.model.second_time_embedder:
+    raise ValueError("objective.name='imm' conditions the network on t and on s (or t - s): "
+                     "set model.second_time_embedder=True")
+  schedule = schedules.get(cfg.schedule)
+  if not float(schedule.eta(float(cfg.t_max))) < float("inf"):
+    raise ValueError(f"objective.t_max={cfg.t_max}: IMM needs a finite eta(T) = sigma/alpha "
+                     "(the paper's T = 0.994)")
+
+
+def make_network(config, apply_fn):
+  """network(net_params, x_t, s, t, labels, full_precision=False) -> G, float32.
+
+  G = net(c_in(t)·x_t, t, labels, s) with s the target time ('identity') or t - s ('stride').
+  """
+  cfg = config.objective
+  schedule = schedules.get(cfg.schedule)
+  stride = cfg.imm.time_conditioning == "stride"
+
+  def network(net_params, x_t, s, t, labels, full_precision=False):
+    c_in = parameterization.broadcast_time(input_scale(t, schedule, cfg.noise_std), x_t)
+    second_time = t - s if stride else s
+    output = apply_fn(net_params, c_in * x_t, t, labels, second_time, full_precision=full_precision)
+    return output.astype(jnp.float32)
+
+  return network
+
+
+def make_group_losses(config, apply_fn):
+  """group_losses(net_params, x, n, labels, target_labels, s, r, t) -> (w·MMD^2, MMD^2), each [G].
+
+  x, n: [G·M, ...] with group g in rows g·M .. g·M + M - 1; labels feed the online pass (already
+  dropped for guidance), target_labels the target pass; s, r, t: [G].
+  """
+  cfg = config.objective
+  imm = cfg.imm
+  schedule = schedules.get(cfg.schedule)
+  network = make_network(config, apply_fn)
+  group_size = imm.group_size
+
+  def mapped(net_params, x_t, s, t, labels, full_precision):
+    output = network(net_params, x_t, s, t, labels, full_precision)
+    return one_step_map(imm.f_type, x_t, output, s, t, schedule, cfg.noise_std)
+
+  def group_losses(net_params, x, n, labels, target_labels, s, r, t):
+    per_particle = lambda time: jnp.repeat(time, group_size)
+    s_p, r_p, t_p = per_particle(s), per_particle(r), per_particle(t)
+    x_t = parameterization.interpolate(x, n, t_p, schedule)
+    x_r = parameterization.interpolate(x, n, r_p, schedule)
+    y_t = mapped(net_params, x_t, s_p, t_p, labels, False)
+    y_r = jax.lax.stop_gradient(
+        mapped(net_params, x_r, s_p, r_p, target_labels, imm.target_full_precision))
+    grouped = lambda y: y.reshape((-1, group_size) + y.shape[1:])
+    _, c_out = map_coefficients(imm.f_type, s, t, schedule, cfg.noise_std)
+    scale = jnp.maximum(jnp.abs(c_out), KERNEL_SCALE_FLOOR)
+    mmd2 = group_mmd2(grouped(y_t), grouped(y_r), scale, kernel=imm.kernel,
+                      rbf_bandwidth=imm.rbf_bandwidth)
+    return weight(t, schedule, imm.a, imm.b) * mmd2, mmd2
+
+  return group_losses
+
+
+def make_sampler(config, apply_fn):
+  """sample(params, noise, labels, key): IMM's pushforward / restart sampler (samplers/imm.py)."""
+  cfg, sampling = config.objective, config.sampling
+  schedule = schedules.get(cfg.schedule)
+  network = make_network(config, apply_fn)
+
+  def sample(params, noise, labels, key):
+    raw_fn = lambda x_t, s, t, y: network(params["net"], x_t, s, t, y)
+    map_fn = lambda x_t, output, s, t: one_step_map(cfg.imm.f_type, x_t, output, s, t, schedule,
+                                                    cfg.noise_std)
+    return imm_sampling.sample(
+        raw_fn, map_fn, noise, labels, schedule=schedule, method=sampling.imm_method,
+        num_steps=sampling.num_steps, grid=sampling.imm_grid, t_start=sampling.t_start,
+        t_end=sampling.t_end, null_label=config.data.num_classes,
+        guidance_scale=sampling.guidance_scale, guidance_interval=tuple(sampling.guidance_interval),
+        noise_std=cfg.noise_std, key=key)
+
+  return sample
+
+
+def build(config, apply_fn):
+  check_config(config)
+  cfg = config.objective
+  group_size = cfg.imm.group_size
+  group_losses = make_group_losses(config, apply_fn)
+
+  def loss(params, batch, rng):
+    x, labels = batch["image"], batch["label"]
+    if x.shape[0] % group_size:
+      raise ValueError(f"batch of {x.shape[0]} is not a multiple of objective.imm.group_size="
+                       f"{group_size}")
+    rng_time, rng_n, rng_y = jax.random.split(rng, 3)
+    s, r, t = sample_times(rng_time, x.shape[0] // group_size, cfg)
+    n = cfg.noise_std * jax.random.normal(rng_n, x.shape, jnp.float32)
+    online_labels = flow.drop_labels(rng_y, labels, cfg.label_dropout, config.data.num_classes)
+    target_labels = online_labels if cfg.imm.drop_target_labels else labels
+    weighted, mmd2 = group_losses(params["net"], x, n, online_labels, target_labels, s, r, t)
+    value = jnp.mean(weighted)
+    return value, {"loss": value, "mmd2": jnp.mean(mmd2)}
+
+  return dict(loss=loss, sample=make_sampler(config, apply_fn), group_size=group_size)

@@ -1,0 +1,112 @@
+"""k-Diff: a learnable prediction target (Jin & Wang 2026, arXiv 2601.21419; specs/kdiff.md).
+
+The network predicts u = k·x - (1-k)·n, a point on the line between data and noise, with
+k = sigmoid(w_k) and w_k one scalar trained by backprop with the network. On rectified flow
+(x_t = (1-t)·x + t·n, t = 0 data; the paper's z = t'·x + (1-t')·n with t' = 1 - t) the
+prediction is converted to a velocity and scored there (specs/kdiff.md, "Recipe"):
+
+  Delta = k·t + (1-k)·(1-t)
+  v_hat = ((2k-1)·x_t - u_hat) / max(Delta, m)                    (parameterization 'u_k')
+  v     = (n - x)·Delta_bar / max(Delta_bar, m),  Delta_bar from stop_gradient(k)
+  loss  = E ||v_hat - v||^2  =  E ||u_hat - u||^2 / max(Delta, m)^2
+
+m = objective.min_divisor (0.05 in the k-Diff and JiT recipes). The target is
+flow.regression_loss's converted true u under stop_gradient, so k cannot lower the loss by
+rescaling its own target; where the clamp is off the target is n - x for every k.
+k = 1 is JiT's x-prediction (with JiT's clamp), k = 0 is -eps-prediction, k = 1/2 is
+velocity prediction with the output scaled by -1/2 (v_hat = -2·u_hat): with
+objective.kdiff.learnable = False the eps / v / x baselines are this same code at a fixed k.
+objective.prediction and objective.loss_target are not read (they are 'u_k' and 'velocity').
+
+Options (objective.kdiff): k_init (the paper starts at k = 1/2 [R]); learnable;
+w_k_scale s: k = sigmoid(s·w_k), w_k initialised at logit(k_init)/s. Under Adam w_k moves by
+about the learning rate per step whatever its gradient's scale, so s multiplies the speed of
+k's logit (1 = the paper's same-lr recipe [R]; short CPU runs use more: the gradient on w_k is
+noisy, and k otherwise barely leaves 1/2 in a few thousand steps). time_dependent:
+k(t) = sigmoid(s·((1-t)·w_k[0] + t·w_k[1])), the logit linear in t (the paper's ablation found
+it worse than one k; off by default).
+
+w_k lives in params next to params['net'] (Objective.extra_params): the trainer's AdamW
+updates it with the network's learning rate and never decays it (the decay mask is ndim >= 2),
+and the EMA tracks it; sampling uses the k of the parameters it is given (the EMA ones).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kdiff_jax import parameterization, schedules
+from kdiff_jax.objectives import flow
+
+
+def k_of(params, t, kdiff_config):
+  """k (a scalar) or k(t) ([B], time_dependent) from params['w_k']; the fixed k_init if frozen."""
+  if not kdiff_config.learnable:
+    return jnp.float32(kdiff_config.k_init)
+  logit = kdiff_config.w_k_scale * params["w_k"]
+  if kdiff_config.time_dependent:
+    return jax.nn.sigmoid((1.0 - t) * logit[0] + t * logit[1])
+  return jax.nn.sigmoid(logit)
+
+
+def initial_params(kdiff_config):
+  """{'w_k': logit(k_init)/w_k_scale} (shape [] or [2] for k(t)); {} when k is frozen."""
+  if not kdiff_config.learnable:
+    return {}
+  w_k = math.log(kdiff_config.k_init / (1.0 - kdiff_config.k_init)) / kdiff_config.w_k_scale
+  shape = (2,) if kdiff_config.time_dependent else ()
+  return {"w_k": jnp.full(shape, w_k, jnp.float32)}
+
+
+def per_example_loss(output, x, n, x_t, t, k, schedule, min_divisor):
+  """||v_hat(u_hat, k) - stop_gradient(v(k))||^2 per example.
+
+  flow.regression_loss with prediction 'u_k' scored in 'velocity' space, clamp min_divisor.
+  """
+  return flow.regression_loss(output, x, n, x_t, t, schedule, prediction="u_k",
+                              loss_target="velocity", k=k, min_divisor=min_divisor)
+
+
+def check(kdiff_config):
+  """k_init must give a finite w_k when learnable; k(t) needs a learnable k."""
+  cfg = kdiff_config
+  if cfg.learnable and not 0.0 < cfg.k_init < 1.0:
+    raise ValueError(f"objective.kdiff.k_init={cfg.k_init!r}: must be in (0, 1) when "
+                     "objective.kdiff.learnable (w_k = logit(k_init)); [0, 1] when frozen")
+  if cfg.time_dependent and not cfg.learnable:
+    raise ValueError("objective.kdiff.time_dependent=True needs objective.kdiff.learnable=True")
+
+
+def build(config, apply_fn):
+  cfg = config.objective
+  kd = cfg.kdiff
+  check(kd)
+  schedule = schedules.get(cfg.schedule)
+
+  def loss(params, batch, rng):
+    x, n, t, x_t, labels = flow.noised_batch(batch, rng, config, schedule)
+    output = apply_fn(params["net"], x_t, t, labels).astype(jnp.float32)
+    k = k_of(params, t, kd)
+    value = jnp.mean(per_example_loss(output, x, n, x_t, t, k, schedule, cfg.min_divisor))
+    metrics = {"loss": value, "k": jnp.mean(k)}
+    if kd.time_dependent:
+      metrics.update(k_data=k_of(params, 0.0, kd), k_noise=k_of(params, 1.0, kd))
+    return value, metrics
+
+  if kd.time_dependent:
+    def sample(params, noise, labels, key):
+      """The ODE sampler on the velocity v_hat(u_hat, k(t)) (CFG on u or on v is the same:
+      the conversion is affine in u_hat with weights summing to one)."""
+      def velocity_fn(net_params, x_t, t, y):
+        output = apply_fn(net_params, x_t, t, y).astype(jnp.float32)
+        return parameterization.convert(output, x_t, t, schedule, source="u_k",
+                                        target="velocity", k=k_of(params, t, kd),
+                                        min_divisor=cfg.min_divisor)
+      return flow.ode_sampler(config, velocity_fn, schedule, "velocity")(params, noise, labels, key)
+  else:
+    sampler = flow.ode_sampler(config, apply_fn, schedule, "u_k", min_divisor=cfg.min_divisor)
+
+    def sample(params, noise, labels, key):
+      return sampler(params, noise, labels, key, k=k_of(params, None, kd))
+
+  return dict(loss=loss, sample=sample, extra_params=initial_params(kd))

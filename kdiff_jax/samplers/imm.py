@@ -1,0 +1,93 @@
+"""IMM's samplers (Zhou, Ermon, Song 2025, Sec. 4.3, App. C; specs/imm.md): pushforward and restart.
+
+On a decreasing grid t_0 = t_start > t_1 > ... > t_N = t_end, from x = noise ~ N(0, sigma_d^2 I)
+at t_0, with the one-step map f_{s,t} of the trained network:
+
+  pushforward  x <- f_{t_{i+1}, t_i}(x)                                         i = 0 .. N-1
+  restart      x~ = f_{t_N, t_i}(x);  x <- alpha_{t_{i+1}}·x~ + sigma_{t_{i+1}}·eps',
+               eps' ~ N(0, sigma_d^2 I), for i < N-1; the last step returns f_{t_N, t_{N-1}}(x).
+
+Both take N model calls (2N rows with classifier-free guidance). Guidance acts on the raw
+network output G before the map: G_w = G_null + w·(G_cond - G_null) (guidance.classifier_free,
+null label = num_classes). The steps run as samplers.core plans (one lax.scan per phase), so
+`jax.jit` of `sample` compiles one step body however many steps there are.
+
+Grids (`GRIDS`): 'uniform_t' linspace(t_start, t_end, N+1) (the paper's ImageNet grids),
+'karras' EDM's rho = 7 ramp in eta = sigma/alpha (grids.time_grid; where eta(t_end) = 0 the ramp
+stops at EDM's sigma_min = 0.002 and a last step goes to t_end), and 'cifar' the CIFAR-10 grids:
+[t_start, t_end] for 1 step, [t_start, eta^-1(1.4), t_end] for 2 (0.5833 on rectified flow).
+"""
+import jax.numpy as jnp
+import numpy as np
+
+from kdiff_jax.samplers import core, grids, guidance
+
+METHODS = ("pushforward", "restart")
+GRIDS = ("uniform_t", "karras", "cifar")
+CIFAR_MIDPOINT_ETA = 1.4
+
+
+def time_grid(schedule, num_steps, grid, *, t_start, t_end):
+  """The N+1 float64 times of an N-step IMM sampler on grid `grid` (GRIDS)."""
+  if grid == "cifar":
+    if num_steps not in (1, 2):
+      raise ValueError(f"sampling.imm_grid='cifar' has 1- and 2-step grids only, not "
+                       f"sampling.num_steps={num_steps}; use 'uniform_t' or 'karras'")
+    middle = [float(schedule.eta_inv(CIFAR_MIDPOINT_ETA))] if num_steps == 2 else []
+    return grids.time_grid(schedule, num_steps, [t_start] + middle + [t_end])
+  if grid in ("uniform_t", "karras"):
+    return grids.time_grid(schedule, num_steps, grid, t_start=t_start, t_end=t_end)
+  raise ValueError(f"sampling.imm_grid={grid!r}: allowed values are {list(GRIDS)}")
+
+
+def _pushforward_step(carry, c, key, step_map):
+  """x <- f_{s,t}(x)."""
+  return {**carry, "x": step_map(carry["x"], c["s"], c["t"])}
+
+
+def _restart_step(carry, c, key, step_map):
+  """x <- alpha·f_{s,t}(x) + sigma_noise·z, z ~ N(0, I); sigma_noise = sigma_{t_{i+1}}·sigma_d."""
+  x = step_map(carry["x"], c["s"], c["t"])
+  return {**carry, "x": c["alpha"] * x + core.gaussian(key, x, c["sigma_noise"])}
+
+
+def plan(schedule, times, method, noise_std=1.0):
+  """The core.Plan of `method` on the float64 grid `times` (coefficients from the schedule)."""
+  times = np.asarray(times, np.float64)
+  steps = len(times) - 1
+  if method == "pushforward":
+    rows = [(_pushforward_step, {"s": times[i + 1], "t": times[i]}, False) for i in range(steps)]
+  elif method == "restart":
+    rows = [(_restart_step, {"s": times[-1], "t": times[i],
+                             "alpha": float(schedule.alpha(times[i + 1])),
+                             "sigma_noise": float(schedule.sigma(times[i + 1])) * noise_std}, True)
+            for i in range(steps - 1)]
+    rows.append((_pushforward_step, {"s": times[-1], "t": times[-2]}, False))
+  else:
+    raise ValueError(f"sampling.imm_method={method!r}: allowed values are {list(METHODS)}")
+  return core.steps_to_plan(rows)
+
+
+def sample(raw_fn, map_fn, noise, labels, *, schedule, method, num_steps, grid, t_start, t_end,
+           null_label, guidance_scale=1.0, guidance_interval=(0.0, 1.0), noise_std=1.0, key=None,
+           scan=True):
+  """Samples at t_end from noise (x at t_start, already scaled by noise_std = sigma_d).
+
+  raw_fn(x_t, s, t, labels) -> network output G; map_fn(x_t, G, s, t) -> f_{s,t}(x_t); s, t are
+  [B] vectors. method: METHODS; grid: GRIDS. key: needed by 'restart' (one split per step).
+  scan=False runs a Python loop (same math).
+  """
+  times = time_grid(schedule, num_steps, grid, t_start=t_start, t_end=t_end)
+  x = jnp.asarray(noise, jnp.float32)
+
+  def step_map(x_t, s, t):
+    s_vec = jnp.full((x_t.shape[0],), s, x_t.dtype)
+    t_vec = jnp.full((x_t.shape[0],), t, x_t.dtype)
+    # CFG doubles the batch (conditional rows first): s follows the rows it is given.
+    raw_at_s = lambda x_, t_, y_: raw_fn(x_, jnp.full(t_.shape, s, t_.dtype), t_, y_)
+    model_fn = guidance.classifier_free(raw_at_s, labels, null_label=null_label,
+                                        scale=guidance_scale, interval=guidance_interval)
+    return map_fn(x_t, model_fn(x_t, t_vec).astype(x_t.dtype), s_vec, t_vec)
+
+  return core.run(plan(schedule, times, method, noise_std), x, step_map, key, scan=scan,
+                  method=method)

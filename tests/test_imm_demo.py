@@ -1,0 +1,31 @@
+"""The IMM digits demo (configs/imm_digits.py) trains on CPU and its few-step samples are the right digits.
+
+The classifier of test_demo.py (logistic regression on the real digits, never on samples)
+labels 500 class-conditional samples; with 4-step pushforward sampling at least 80% must carry
+the class they were conditioned on.
+"""
+import pytest
+
+from configs import imm_digits
+from kdiff_jax import train
+from tests.test_demo import conditional_accuracy
+
+
+@pytest.fixture(scope="session")
+def imm_digits_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("imm_digits"))
+  config = imm_digits.get_config()
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_imm_digits_samples_are_the_conditioned_digits(imm_digits_run):
+  config, workdir = imm_digits_run
+  accuracies = {}
+  for num_steps in (1, 2, 4, 8):
+    config_n = config.copy_and_resolve_references()
+    config_n.sampling.num_steps = num_steps
+    accuracies[num_steps] = conditional_accuracy(config_n, workdir)
+  print("imm_digits conditional accuracy by steps: "
+        + ", ".join(f"{n}: {a:.3f}" for n, a in accuracies.items()))
+  assert accuracies[4] >= 0.8
