@@ -16,8 +16,11 @@ from kdiff_jax import parallel  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
-                  "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval", "encode_latents"],
+                  "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir; "
+                  "export: write a checkpoint in --workdir as PyTorch files (config.export); "
+                  "eval: FID/IS/precision/recall of a checkpoint in --workdir (config.eval); "
+                  "encode_latents: encode data.tfds_name with the VAE into data.latents_path.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes "
                     "off TPU (or set JAX_COORDINATOR_ADDRESS); TPU pods need nothing.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
@@ -38,6 +41,15 @@ def main(argv):
   elif FLAGS.mode == "sample":
     from kdiff_jax import generation
     generation.generate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "export":
+    from kdiff_jax.export import checkpoints
+    checkpoints.export_checkpoint(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from kdiff_jax import evaluate
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "encode_latents":
+    from kdiff_jax.data import latents
+    latents.encode_tfds(FLAGS.config)
 
 
 if __name__ == "__main__":

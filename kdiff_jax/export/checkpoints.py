@@ -1,0 +1,239 @@
+"""Checkpoint <-> PyTorch files: export a trained checkpoint, import a DiT / JiT state_dict.
+
+Export (`main.py --mode=export`, `python -m kdiff_jax.export`) restores the checkpoint in
+workdir and writes, under config.export.output_dir (default <workdir>/export), for step N:
+
+  stepN.safetensors  the torch state_dict of the EMA weights (first decay), or the raw weights
+                     with export.use_ema=False; the JSON below is also in its metadata
+  stepN.pt           {"model": raw state_dict, "ema": EMA state_dict} (DiT's checkpoint layout;
+                     no "ema" without EMA decays), written only where torch is installed
+  stepN.json         what rebuilds and samples the model in PyTorch (`meta`): constructor kwargs
+                     of torch_models.DiT / JiT, objective (schedule, parameterization, sigma_d,
+                     k-Diff's learned w_k, IMM's map and time conditioning), sampler settings
+                     with the time grid, and the training config
+
+Import (`import_state_dict`, `python -m kdiff_jax.export --import_from=...`) turns a
+facebookresearch/DiT-format state_dict (.pt or .safetensors) into Flax net params, and
+`init_workdir` writes them as the step-0 checkpoint of a workdir, which `main.py --mode=train`
+then fine-tunes (fresh optimizer; every EMA starts at the imported weights).
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from safetensors import numpy as safetensors_numpy
+
+from configs import default
+from kdiff_jax import checkpoint, models, parallel, samplers, schedules, train
+from kdiff_jax.export import convert
+from kdiff_jax.models import dit, jit
+from kdiff_jax.objectives import kdiff
+from kdiff_jax.samplers import imm as imm_sampling
+
+FORMAT = "kdiff_jax.export/1"
+
+
+def model_spec(config) -> dict:
+  """torch_models constructor kwargs of config's model, with its 'name' ('dit' or 'jit')."""
+  model, data = config.model, config.data
+  common = dict(input_size=data.image_size, patch_size=model.patch_size,
+                in_channels=data.channels, mlp_ratio=model.mlp_ratio,
+                num_classes=data.num_classes, time_scale=model.time_scale)
+  if model.name == "dit":
+    depth, hidden_size, num_heads = dit.SIZES[model.size]
+    return dict(name="dit", hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                second_time_embedder=model.second_time_embedder, **common)
+  if model.name == "jit":
+    depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start = (
+        jit.SIZES[model.size])
+    return dict(name="jit", hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
+                in_context_start=in_context_start, **common)
+  raise ValueError(f"model.name={model.name!r}: export supports 'dit' and 'jit' "
+                   "(torch_models has no MLP)")
+
+
+def _abstract_model(config):
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+
+
+def pos_embed(config) -> np.ndarray:
+  """The fixed [T, D] sin-cos embedding of config's model (torch's `pos_embed`, unbatched)."""
+  return _abstract_model(config).pos_embed()
+
+
+def sampling_meta(config) -> dict:
+  """The configured sampler: method, the float64 time grid it runs on, guidance."""
+  sampling, objective = config.sampling, config.objective
+  schedule = schedules.get(objective.schedule)
+  if objective.name == "imm":
+    method = sampling.imm_method
+    times = imm_sampling.time_grid(schedule, sampling.num_steps, sampling.imm_grid,
+                                   t_start=sampling.t_start, t_end=sampling.t_end)
+  else:
+    method = sampling.method
+    times = samplers.time_grid(schedule, sampling.num_steps, sampling.grid,
+                               t_start=sampling.t_start, t_end=sampling.t_end)
+  return dict(method=method, num_steps=sampling.num_steps, times=np.asarray(times).tolist(),
+              t_start=sampling.t_start, t_end=sampling.t_end,
+              guidance_scale=sampling.guidance_scale,
+              guidance_interval=list(sampling.guidance_interval))
+
+
+def objective_meta(config, params_by_weights: dict) -> dict:
+  """Schedule, parameterization, sigma_d (noise_std), k-Diff's k, IMM's map.
+
+  params_by_weights: {'model': raw params, 'ema': EMA params (if any)}, for k-Diff's learned k.
+  """
+  cfg = config.objective
+  meta = dict(name=cfg.name, schedule=cfg.schedule, noise_std=cfg.noise_std,
+              min_divisor=cfg.min_divisor)
+  if cfg.name == "flow":
+    meta["prediction"] = cfg.prediction
+  elif cfg.name == "kdiff":
+    # k as the objective computes it (whatever its parameterization of w_k): a float, or for a
+    # time-dependent k its values at t = 0 and t = 1 (its logit is linear in t).
+    t = np.array([0.0, 1.0]) if cfg.kdiff.time_dependent else None
+    k_of = lambda params: np.asarray(kdiff.k_of(params, t, cfg.kdiff), np.float64).tolist()
+    meta["prediction"] = "u_k"
+    meta["kdiff"] = dict(time_dependent=cfg.kdiff.time_dependent,
+                         k={name: k_of(params) for name, params in params_by_weights.items()})
+  elif cfg.name == "imm":
+    meta["imm"] = dict(f_type=cfg.imm.f_type, time_conditioning=cfg.imm.time_conditioning)
+  return meta
+
+
+def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem: str) -> dict:
+  """The export's JSON: model kwargs, objective, sampler, which weights, files, training config."""
+  decays = config.training.ema_decays
+  return dict(
+      format=FORMAT,
+      model=model_spec(config),
+      objective=objective_meta(config, params_by_weights),
+      sampling=sampling_meta(config),
+      weights=dict(safetensors=exported, step=step,
+                   ema_decay=float(decays[0]) if "ema" in params_by_weights else None),
+      files=dict(safetensors=stem + ".safetensors", pt=stem + ".pt"),
+      layout="torch NCHW; t in [0, 1] with t = 0 data, t = 1 noise; label num_classes = null",
+      config=json.loads(config.to_json()),
+  )
+
+
+def export_checkpoint(config, workdir: str, step=None) -> dict:
+  """Write stepN.{safetensors, pt, json} of the checkpoint in workdir; return their paths."""
+  model_spec(config)  # fails before restoring for a model torch_models cannot build
+  s = train.setup(config)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {workdir}/checkpoints")
+  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
+  mngr.close()
+  step = int(state["step"])
+  params_by_weights = {"model": jax.device_get(state["params"])}
+  if config.training.ema_decays:
+    params_by_weights["ema"] = jax.device_get(
+        state["ema"][train.ema_key(config.training.ema_decays[0])])
+  exported = "ema" if config.export.use_ema and "ema" in params_by_weights else "model"
+  if config.export.use_ema and exported == "model":
+    logging.warning("export.use_ema=True but training.ema_decays is empty: "
+                    "exporting the raw weights")
+
+  table = pos_embed(config)
+  state_dicts = {name: convert.to_torch(params["net"], table)
+                 for name, params in params_by_weights.items()}
+  output_dir = config.export.output_dir or os.path.join(workdir, "export")
+  stem = f"step{step}"
+  meta = metadata(config, params_by_weights, exported=exported, step=step, stem=stem)
+  paths = {kind: os.path.join(output_dir, f"{stem}.{kind}")
+           for kind in ("safetensors", "pt", "json")}
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    safetensors_numpy.save_file(state_dicts[exported], paths["safetensors"],
+                                metadata={"kdiff_jax": json.dumps(meta)})
+    with open(paths["json"], "w") as f:
+      json.dump(meta, f, indent=2)
+    if not _write_pt(state_dicts, paths["pt"]):
+      del paths["pt"]
+  parallel.log_once("exported step %d (%s weights) to %s", step, exported, output_dir)
+  return paths
+
+
+def _write_pt(state_dicts, path) -> bool:
+  """torch.save({'model': ..., 'ema': ...}) if torch is installed (the only torch use here)."""
+  try:
+    import torch
+  except ImportError:
+    logging.warning("torch is not installed: wrote no %s (the .safetensors holds the same weights)",
+                    path)
+    return False
+  torch.save({name: {key: torch.from_numpy(value) for key, value in state.items()}
+              for name, state in state_dicts.items()}, path)
+  return True
+
+
+def checkpoint_config(workdir: str, step=None) -> ml_collections.ConfigDict:
+  """The config saved with a checkpoint, over configs/default.py (newer fields keep defaults)."""
+  def tuples(value):
+    if isinstance(value, dict):
+      return {key: tuples(v) for key, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+
+  config = default.get_config()
+  config.update(tuples(checkpoint.restore_config(workdir, step)))
+  return config
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+def read_state_dict(path: str) -> dict:
+  """name -> numpy array from a .safetensors file (no torch needed) or a torch .pt / .pth.
+
+  A .pt holding {'model': ..., 'ema': ...} (DiT's training checkpoints, this module's .pt) gives
+  its 'ema' entry, as DiT's find_model does; a bare state_dict (the released DiT-XL/2) is used
+  as is.
+  """
+  if path.endswith(".safetensors"):
+    return safetensors_numpy.load_file(path)
+  import torch
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if "ema" in state:
+    state = state["ema"]
+  return {name: value.float().numpy() for name, value in state.items()}
+
+
+def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -> dict:
+  """Flax net params (a pure dict, `state['params']['net']`) of config's model from a torch
+  DiT / JiT state_dict (see convert.from_torch for drop_learned_sigma)."""
+  model_spec(config)
+  _, abstract_net, _ = train.build_model(config)
+  return convert.from_torch(state_dict, abstract_net, pos_embed(config),
+                            drop_learned_sigma=drop_learned_sigma)
+
+
+def init_workdir(config, workdir: str, net_params) -> None:
+  """Save a step-0 checkpoint in workdir whose network and EMA weights are net_params.
+
+  `main.py --config=... --workdir=...` then resumes from it: fine-tuning with a fresh optimizer
+  (and the objective's initial extra parameters, e.g. k-Diff's w_k).
+  """
+  s = train.setup(config)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  if mngr.latest_step() is not None:
+    raise FileExistsError(f"--workdir={workdir} already has checkpoints: import into a new workdir")
+  state = train.init_state(s)
+  shardings = s.state_shardings["params"]["net"]
+  net = jax.tree.map(lambda value, sharding: jax.device_put(np.asarray(value), sharding),
+                     net_params, shardings)
+  state["params"] = {**state["params"], "net": net}
+  state["ema"] = {key: {**ema, "net": net} for key, ema in state["ema"].items()}
+  checkpoint.save(mngr, 0, state, 0, config)
+  mngr.wait_until_finished()
+  mngr.close()
+  parallel.log_once("wrote the imported weights as step 0 of %s", workdir)

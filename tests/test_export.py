@@ -1,0 +1,368 @@
+"""PyTorch export / import (kdiff_jax/export) against PyTorch modules and samplers written from
+facebookresearch/DiT `models.py` and LTH14/JiT `model_jit.py` (export/torch_models.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default, imm_digits
+from kdiff_jax import checkpoint, models, schedules, train
+from kdiff_jax.export import checkpoints, convert
+from kdiff_jax.models import dit, jit
+from kdiff_jax.objectives import flow, imm, kdiff
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIT = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+           mlp_ratio=4.0, num_classes=10)
+JIT = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=3, num_heads=2,
+           mlp_ratio=4.0, num_classes=10, bottleneck_dim=8, in_context_len=4, in_context_start=1)
+
+
+@pytest.fixture(scope="module")
+def torch_models():
+  pytest.importorskip("torch")
+  from kdiff_jax.export import torch_models
+  return torch_models
+
+
+def _perturb(model, std=0.05, seed=1):
+  """Add N(0, std²) to every parameter, so the zero-initialised adaLN and final layers act."""
+  rng = np.random.default_rng(seed)
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda p: p + jnp.asarray(std * rng.normal(size=p.shape), p.dtype), params))
+  return model
+
+
+def _net(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _inputs(channels, batch=3, size=8, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
+  t, s = rng.uniform(size=(2, batch)).astype(np.float32)
+  y = np.array([1, 7, DIT["num_classes"]])[:batch]  # the last is the null label
+  return x, t, y, s
+
+
+def _flax_out(model, *args):
+  graphdef, state = nnx.split(model)
+  args = [None if a is None else jnp.asarray(a) for a in args]
+  return np.asarray(jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args))
+
+
+def _torch_out(module, x, t, y, s=None):
+  import torch
+  with torch.no_grad():
+    out = module(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 torch.from_numpy(y), None if s is None else torch.from_numpy(s))
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+def _load(module, state_dict):
+  import torch
+  module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  return module.eval()
+
+
+def _assert_bit_exact(tree_a, tree_b):
+  flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(t) for t in (tree_a, tree_b))
+  assert flat_a[1] == flat_b[1]
+  for (path, a), (_, b) in zip(flat_a[0], flat_b[0]):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), path
+
+
+# --- model parity and round trip ----------------------------------------------------------------
+
+@pytest.mark.parametrize("second_time_embedder", [False, True], ids=["dit", "dit_two_times"])
+def test_dit_export_matches_torch_and_round_trips(torch_models, second_time_embedder):
+  model = _perturb(dit.DiT(**DIT, second_time_embedder=second_time_embedder, rngs=nnx.Rngs(0)))
+  net = _net(model)
+  state_dict = convert.to_torch(net, model.pos_embed())
+  module = _load(torch_models.DiT(**DIT, second_time_embedder=second_time_embedder), state_dict)
+  x, t, y, s = _inputs(DIT["in_channels"])
+  s = s if second_time_embedder else None
+  expected, got = _flax_out(model, x, t, y, s), _torch_out(module, x, t, y, s)
+  error = np.max(np.abs(expected - got))
+  print(f"DiT (second time embedder {second_time_embedder}): max |flax - torch| = {error:.2e}")
+  assert np.std(expected) > 0.1 and error <= 1e-4
+  _assert_bit_exact(net, convert.from_torch(state_dict, net, model.pos_embed()))
+
+
+def test_jit_export_matches_torch_and_round_trips(torch_models):
+  model = _perturb(jit.JiT(**JIT, rngs=nnx.Rngs(0)), std=0.1)
+  net = _net(model)
+  state_dict = convert.to_torch(net, model.pos_embed())
+  module = _load(torch_models.JiT(**JIT), state_dict)
+  x, t, y, _ = _inputs(JIT["in_channels"])
+  expected, got = _flax_out(model, x, t, y), _torch_out(module, x, t, y)
+  error = np.max(np.abs(expected - got))
+  print(f"JiT: max |flax - torch| = {error:.2e}")
+  assert np.std(expected) > 0.1 and error <= 1e-4
+  _assert_bit_exact(net, convert.from_torch(state_dict, net, model.pos_embed()))
+
+
+def test_state_dict_has_dits_keys_and_shapes(torch_models):
+  """Keys and shapes of facebookresearch/DiT's DiT(learn_sigma=False), written out by hand."""
+  d, p, c, classes, tokens = DIT["hidden_size"], DIT["patch_size"], DIT["in_channels"], 10, 16
+  expected = {
+      "pos_embed": (1, tokens, d),
+      "x_embedder.proj.weight": (d, c, p, p), "x_embedder.proj.bias": (d,),
+      "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+      "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+      "y_embedder.embedding_table.weight": (classes + 1, d),
+      "final_layer.linear.weight": (p * p * c, d), "final_layer.linear.bias": (p * p * c,),
+      "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+      "final_layer.adaLN_modulation.1.bias": (2 * d,),
+  }
+  for i in range(DIT["depth"]):
+    expected.update({
+        f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
+        f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
+        f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
+        f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
+        f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d),
+        f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+    })
+  model = dit.DiT(**DIT, second_time_embedder=False, rngs=nnx.Rngs(0))
+  exported = convert.to_torch(_net(model), model.pos_embed())
+  module = torch_models.DiT(**DIT, learn_sigma=False)
+  assert {k: v.shape for k, v in exported.items()} == expected
+  assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == expected
+  np.testing.assert_allclose(module.state_dict()["pos_embed"].numpy(), exported["pos_embed"],
+                             atol=1e-6)
+  # DiT-XL/2 (learn_sigma=True, the released checkpoints) has 675,129,632 parameters
+  # including pos_embed (DiT's README / paper).
+  import torch
+  with torch.device("meta"):
+    xl = torch_models.DiT(input_size=32, patch_size=2, learn_sigma=True)
+  assert sum(v.numel() for v in xl.state_dict().values()) == 675_129_632
+
+
+# --- samplers -----------------------------------------------------------------------------------
+
+def _sampler_setup(config):
+  """(perturbed net params, graphdef, apply_fn) of config's model."""
+  graphdef, _, _ = train.build_model(config)
+  net = _net(_perturb(models.build(config, nnx.Rngs(0))))
+  return net, train.make_apply_fn(config, graphdef)
+
+
+def _torch_sample(torch_models, config, params, noise, labels):
+  import torch
+  meta = dict(model=checkpoints.model_spec(config),
+              objective=checkpoints.objective_meta(config, {"ema": params}),
+              sampling=checkpoints.sampling_meta(config), weights=dict(safetensors="ema"))
+  meta = json.loads(json.dumps(meta))  # what a PyTorch user reads back
+  module = _load(torch_models.build(meta["model"]),
+                 convert.to_torch(params["net"], checkpoints.pos_embed(config)))
+  out = torch_models.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
+                            torch.from_numpy(labels))
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+def _noise_and_labels(config, batch=6):
+  rng = np.random.default_rng(3)
+  shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
+  noise = (config.objective.noise_std * rng.normal(size=shape)).astype(np.float32)
+  return noise, np.arange(batch) % (config.data.num_classes + 1)
+
+
+@pytest.mark.parametrize("schedule", ["rectified_flow", "cosine", "vp"])
+def test_torch_schedules_and_imm_maps_match_jax(torch_models, schedule):
+  """The host-side coefficients the PyTorch samplers use (every f_type, every schedule)."""
+  jax_schedule, torch_schedule = schedules.get(schedule), torch_models.Schedule(schedule)
+  times = np.array([0.0125, 0.3, 0.5, 0.777, 0.994])
+  for name in ("alpha", "sigma", "alpha_dot", "sigma_dot"):
+    expected = getattr(jax_schedule, name)(times)
+    got = [getattr(torch_schedule, name)(float(t)) for t in times]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12, err_msg=name)
+  for f_type in imm.F_TYPES:
+    for s, t in [(0.0, 0.994), (0.3, 0.5), (0.5, 0.5)]:
+      # JAX evaluates the map in float32 (jnp), the PyTorch sampler on the host in float64.
+      expected = imm.map_coefficients(f_type, jnp.float32(s), jnp.float32(t), jax_schedule, 0.5)
+      got = torch_models.imm_map_coefficients(f_type, s, t, torch_schedule, 0.5)
+      np.testing.assert_allclose(got, np.asarray(expected, np.float64), rtol=1e-6, atol=1e-7,
+                                 err_msg=f"{f_type} s={s} t={t}")
+
+
+@pytest.mark.parametrize("f_type, time_conditioning, guidance_scale", [
+    ("euler_fm", "identity", 1.5), ("simple_edm", "stride", 1.0)])
+def test_imm_pushforward_samples_match_jax(torch_models, f_type, time_conditioning,
+                                           guidance_scale):
+  config = imm_digits.get_config()
+  config.model.size = "T"
+  config.objective.imm.f_type = f_type
+  config.objective.imm.time_conditioning = time_conditioning
+  config.sampling.guidance_scale = guidance_scale
+  assert config.sampling.imm_method == "pushforward" and config.sampling.num_steps == 4
+  net, apply_fn = _sampler_setup(config)
+  noise, labels = _noise_and_labels(config)
+  sampler = jax.jit(imm.make_sampler(config, apply_fn))
+  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_models, config, {"net": net}, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"IMM {f_type}/{time_conditioning} w={guidance_scale}, 4 steps: max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
+
+
+def _ode_config(name, **objective):
+  config = default.get_config()
+  config.data.image_size, config.data.channels, config.data.num_classes = 8, 1, 10
+  config.model.size = "T"
+  config.objective.name = name
+  for key, value in objective.items():
+    setattr(config.objective.kdiff if key == "time_dependent" else config.objective, key, value)
+  config.sampling.num_steps = 4
+  return config
+
+
+@pytest.mark.parametrize("config, method, w_k", [
+    (_ode_config("kdiff", min_divisor=0.05, time_dependent=True), "heun", [1.5, -0.5]),
+    (_ode_config("flow", schedule="cosine", prediction="v"), "euler", None),
+], ids=["kdiff_k_of_t_heun", "flow_v_cosine_euler"])
+def test_ode_samples_match_jax(torch_models, config, method, w_k):
+  config.sampling.method = method
+  config.sampling.guidance_scale = 2.0
+  net, apply_fn = _sampler_setup(config)
+  params = {"net": net} if w_k is None else {"net": net, "w_k": np.asarray(w_k, np.float32)}
+  noise, labels = _noise_and_labels(config)
+  build = {"kdiff": kdiff.build, "flow": flow.build}[config.objective.name]
+  sampler = jax.jit(build(config, apply_fn)["sample"])
+  expected = np.asarray(sampler(params, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_models, config, params, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"{config.objective.name} {method}: max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
+
+
+# --- checkpoints: export end to end, import to fine-tune ----------------------------------------
+
+def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits_fm_run, tmp_path):
+  import torch
+  from safetensors.numpy import load_file
+  config, workdir = digits_fm_run
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  subprocess.run([sys.executable, "main.py", "--config=configs/digits_fm.py",
+                  f"--workdir={workdir}", "--mode=export",
+                  f"--config.export.output_dir={tmp_path}"],
+                 cwd=ROOT, env=env, check=True, timeout=300)
+  with open(tmp_path / "step3000.json") as f:
+    meta = json.load(f)
+  assert meta["weights"] == dict(safetensors="ema", step=3000, ema_decay=0.999)
+  assert meta["model"]["name"] == "dit" and meta["objective"]["prediction"] == "velocity"
+  pt = torch.load(tmp_path / "step3000.pt", weights_only=True)
+  module, _ = torch_models.load(str(tmp_path / "step3000.json"))
+  shapes = {k: v.shape for k, v in module.state_dict().items()}
+  assert sorted(pt) == ["ema", "model"]
+  for state in pt.values():
+    assert {k: v.shape for k, v in state.items()} == shapes
+  safetensors = load_file(str(tmp_path / "step3000.safetensors"))
+  assert all(np.array_equal(safetensors[k], pt["ema"][k].numpy()) for k in shapes)
+  assert not np.array_equal(pt["ema"]["blocks.0.attn.qkv.weight"],
+                            pt["model"]["blocks.0.attn.qkv.weight"])
+
+  # python -m kdiff_jax.export without --config rebuilds the run's config from the checkpoint.
+  assert checkpoints.checkpoint_config(workdir).to_dict() == config.to_dict()
+
+  # The EMA weights sample the same digits in PyTorch (Heun, 16 steps, guidance 2) as in JAX.
+  s = train.setup(config)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  state, _ = checkpoint.restore(mngr, s.abstract_state)
+  mngr.close()
+  noise, labels = _noise_and_labels(config, batch=10)
+  expected = np.asarray(jax.jit(s.objective.sample)(
+      train.sampling_params(state, config), noise, labels, jax.random.key(0)))
+  got = torch_models.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
+                            torch.from_numpy(labels)).permute(0, 2, 3, 1).numpy()
+  error = np.max(np.abs(expected - got))
+  print(f"trained digits DiT, Heun 16 steps w=2: max |jax - torch| = {error:.2e}")
+  assert error <= 1e-3
+
+
+def test_import_learned_sigma_dit_into_a_workdir(torch_models, tmp_path):
+  """A DiT-format learn_sigma=True .pt -> Flax params (the ε half) -> a step-0 checkpoint."""
+  import torch
+  config = default.get_config()
+  config.data.image_size, config.data.channels, config.data.num_classes = 8, 4, 10
+  config.model.size = "T"
+  config.objective.schedule, config.objective.prediction = "vp", "eps"
+  config.training.batch_size = 8
+  config.checkpoint.async_save = False
+  torch.manual_seed(0)
+  module = torch_models.DiT(**DIT, learn_sigma=True).eval()
+  with torch.no_grad():
+    for parameter in module.parameters():
+      if parameter.requires_grad:
+        parameter.add_(0.05 * torch.randn_like(parameter))
+  path = str(tmp_path / "DiT-T-2.pt")
+  torch.save(module.state_dict(), path)
+
+  state_dict = checkpoints.read_state_dict(path)
+  with pytest.raises(ValueError, match="learn_sigma=True"):
+    checkpoints.import_state_dict(state_dict, config)
+  net = checkpoints.import_state_dict(state_dict, config, drop_learned_sigma=True)
+  workdir = str(tmp_path / "finetune")
+  checkpoints.init_workdir(config, workdir, net)
+  s = train.setup(config)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  state, position = checkpoint.restore(mngr, s.abstract_state)
+  mngr.close()
+  assert int(state["step"]) == 0 and position == 0
+  _assert_bit_exact(net, jax.device_get(state["params"]["net"]))
+  _assert_bit_exact(net, jax.device_get(train.sampling_params(state, config)["net"]))
+
+  model = models.build(config, nnx.Rngs(1))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, net)
+  nnx.update(model, params)
+  x, t, y, _ = _inputs(DIT["in_channels"])
+  expected = _torch_out(module, x, t, y)[..., :DIT["in_channels"]]
+  got = _flax_out(model, x, t, y)
+  error = np.max(np.abs(expected - got))
+  print(f"imported DiT (ε half of learn_sigma): max |torch - flax| = {error:.2e}")
+  assert np.std(expected) > 0.1 and error <= 1e-4
+
+
+def test_jax_side_imports_without_torch_and_torch_side_without_jax():
+  """Every kdiff_jax module but torch_models imports with torch blocked; torch_models runs with
+  jax, flax and the rest of kdiff_jax blocked."""
+  blocker = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in {blocked!r} or name in {blocked!r}:
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+  jax_side = blocker.format(blocked=["torch"]) + """
+import pkgutil, kdiff_jax
+names = [m.name for m in pkgutil.walk_packages(kdiff_jax.__path__, 'kdiff_jax.')
+         if m.name != 'kdiff_jax.export.torch_models']
+for name in names:
+  __import__(name)
+assert 'kdiff_jax.export.checkpoints' in names and 'torch' not in sys.modules
+print(len(names), 'modules')
+"""
+  torch_side = blocker.format(blocked=["jax", "jaxlib", "flax", "optax", "orbax",
+                                       "kdiff_jax.models", "kdiff_jax.export.checkpoints"]) + """
+import torch
+from kdiff_jax.export import torch_models
+model = torch_models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1,
+                         num_heads=2, num_classes=10, second_time_embedder=True)
+x = torch_models.sample_imm(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 10]),
+                            torch_models.uniform_times(2, 0.994), null_label=10)
+assert x.shape == (2, 1, 8, 8) and 'jax' not in sys.modules
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for code in (jax_side, torch_side):
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
