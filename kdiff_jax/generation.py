@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from kdiff_jax import checkpoint, images, parallel, train
+from kdiff_jax.data import latents
 
 
 def generate(config, workdir: str, step=None) -> str:
@@ -31,7 +32,8 @@ def generate(config, workdir: str, step=None) -> str:
   path = os.path.join(workdir, name + ".npz")
   if jax.process_index() == 0:
     np.savez(path, images=samples, uint8=images.to_uint8(samples), labels=labels)
-    images.save_grid(samples[:sampling.grid_size**2], os.path.join(workdir, name + ".png"))
+    shown = latents.decode_for_display(config, samples[:sampling.grid_size**2])
+    images.save_grid(shown, os.path.join(workdir, name + ".png"))
   parallel.log_once("wrote %d samples to %s", len(samples), path)
   mngr.close()
   return path

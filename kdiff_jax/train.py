@@ -25,8 +25,9 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kdiff_jax import checkpoint, config as config_lib, data, models, objectives, parallel
-from kdiff_jax import images
+from kdiff_jax import checkpoint, config as config_lib, data, evaluate, images, models, objectives
+from kdiff_jax import parallel
+from kdiff_jax.data import latents
 
 
 @dataclasses.dataclass
@@ -264,11 +265,12 @@ def train_and_evaluate(config, workdir: str):
 
   def write_samples(step):
     key = jax.random.fold_in(jax.random.key(config.sampling.seed), step)
-    grid = np.asarray(sample_fn(sampling_params(state, config), key))
+    grid = latents.decode_for_display(config, sample_fn(sampling_params(state, config), key))
     if jax.process_index() == 0:
       png = images.save_grid(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
       writer.write_images(step, {"samples": png[None]})
 
+  fid = evaluate.FidAction(s, config) if config.eval.fid_every else None
   preempted = PreemptionWatch()
   pending, history = None, []
   try:
@@ -291,6 +293,8 @@ def train_and_evaluate(config, workdir: str):
           history = []
         if training.sample_every and step % training.sample_every == 0 or last:
           write_samples(step)
+        if fid is not None and (step % config.eval.fid_every == 0 or last):
+          writer.write_scalars(step, fid(sampling_params(state, config)))
         if step % training.checkpoint_every == 0 or last or stop:
           if pending is not None:
             history.append(_check_finite(*pending))
