@@ -66,7 +66,8 @@ def get_config():
   imm.delta = 0.0                 # minimum gap t - r (1e-4 when training in low precision)
   imm.f_type = "euler_fm"         # euler_fm | simple_edm | identity: the one-step map f_{s,t}
   imm.kernel = "laplace"          # laplace | rbf
-  imm.rbf_bandwidth = 1.0         # rbf: h = rbf_bandwidth * |c_out(s,t)| * sqrt(D)
+  imm.bandwidth = 1.0             # c, the kernel scale multiple (1: the paper): laplace exp(-d/(c |c_out| D)),
+                                  # rbf exp(-d^2/(2 h^2)) with h = c |c_out(s,t)| sqrt(D)
   imm.a = 1.0                     # w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
   imm.b = 4.0
   imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)

@@ -52,7 +52,7 @@ RANGES = {
     "objective.imm.group_size": (lambda v: v >= 1, ">= 1"),
     "objective.imm.k": (lambda v: v >= 0, ">= 0"),
     "objective.imm.delta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "objective.imm.rbf_bandwidth": (lambda v: v > 0, "> 0"),
+    "objective.imm.bandwidth": (lambda v: v > 0, "> 0"),
     "objective.imm.a": (lambda v: v >= 0, ">= 0"),
     "optimizer.learning_rate": (lambda v: v > 0, "> 0"),
     "optimizer.warmup_steps": (lambda v: v >= 0, ">= 0"),

@@ -178,7 +178,7 @@ def mmd2_direct(y_t, y_r, scale, kernel, bandwidth=1.0):
   def k(a, b):
     squared = float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     if kernel == "laplace":
-      return np.exp(-np.sqrt(max(squared, 1e-8)) / (scale * dim))
+      return np.exp(-np.sqrt(max(squared, 1e-8)) / (bandwidth * scale * dim))
     return np.exp(-squared / (2.0 * (bandwidth * scale * np.sqrt(dim)) ** 2))
 
   mean_k = lambda u, v: sum(k(a, b) for a in u for b in v) / m**2
@@ -192,7 +192,7 @@ def test_mmd2_matches_the_direct_v_statistic_and_is_nonnegative(kernel):
   y_r = (y_t + rng.normal(size=y_t.shape)).astype(np.float32)
   scale = rng.uniform(0.01, 0.2, size=6).astype(np.float32)
   got = imm.group_mmd2(jnp.asarray(y_t), jnp.asarray(y_r), jnp.asarray(scale), kernel=kernel,
-                       rbf_bandwidth=0.7)
+                       bandwidth=0.7)
   expected = [mmd2_direct(y_t[g], y_r[g], float(scale[g]), kernel, 0.7) for g in range(6)]
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
   assert np.all(np.asarray(got) >= -1e-7)

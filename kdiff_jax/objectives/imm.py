@@ -106,22 +106,26 @@ def weight(t, schedule, a, b):
           * alpha**a / (alpha**2 + sigma**2))
 
 
-def kernel_matrix(squared_distance, scale, dim, kernel, rbf_bandwidth):
+def kernel_matrix(squared_distance, scale, dim, kernel, bandwidth):
   """k(a, b) from the squared distance, with the per-group scale |c_out(s,t)| (broadcasts).
 
-  laplace: exp(-sqrt(max(|a - b|^2, 1e-8))/(scale·D))   (IMM App. C; D = elements per sample)
-  rbf:     exp(-|a - b|^2/(2·h^2)),  h = rbf_bandwidth·scale·sqrt(D)
+  laplace: exp(-sqrt(max(|a - b|^2, 1e-8))/(c·scale·D))   (IMM App. C with c = 1; D = elements
+           per sample)
+  rbf:     exp(-|a - b|^2/(2·h^2)),  h = c·scale·sqrt(D)
+  c = bandwidth (1: the paper). The paper's scale makes the Laplace kernel broad against image
+  distances (|a - b| ~ sqrt(D) << scale·D), where the MMD^2 is ~ an energy distance over scale·D;
+  in a few dimensions the same c is narrow for short jumps.
   """
   if kernel == "laplace":
     distance = jnp.sqrt(jnp.maximum(squared_distance, SQUARED_DISTANCE_FLOOR))
-    return jnp.exp(-distance / (scale * dim))
+    return jnp.exp(-distance / (bandwidth * scale * dim))
   if kernel == "rbf":
-    bandwidth = rbf_bandwidth * scale * jnp.sqrt(float(dim))
-    return jnp.exp(-squared_distance / (2.0 * bandwidth**2))
+    h = bandwidth * scale * jnp.sqrt(float(dim))
+    return jnp.exp(-squared_distance / (2.0 * h**2))
   raise ValueError(f"objective.imm.kernel={kernel!r}: allowed values are {list(KERNELS)}")
 
 
-def group_mmd2(y_t, y_r, scale, *, kernel, rbf_bandwidth=1.0):
+def group_mmd2(y_t, y_r, scale, *, kernel, bandwidth=1.0):
   """V-statistic MMD^2 per group: mean K(y_t, y_t) + mean K(y_r, y_r) - 2·mean K(y_t, y_r).
 
   y_t, y_r: [G, M, ...] float32 particles; scale: [G] kernel scales. All M x M pairs, diagonal
@@ -130,7 +134,7 @@ def group_mmd2(y_t, y_r, scale, *, kernel, rbf_bandwidth=1.0):
   groups, particles = y_t.shape[:2]
   y = jnp.concatenate([y_t, y_r], axis=1).reshape(groups, 2 * particles, -1)
   squared_distance = jnp.sum(jnp.square(y[:, :, None] - y[:, None, :]), axis=-1)
-  gram = kernel_matrix(squared_distance, scale[:, None, None], y.shape[-1], kernel, rbf_bandwidth)
+  gram = kernel_matrix(squared_distance, scale[:, None, None], y.shape[-1], kernel, bandwidth)
   m = particles
   return (jnp.mean(gram[:, :m, :m], axis=(1, 2)) + jnp.mean(gram[:, m:, m:], axis=(1, 2))
           - 2.0 * jnp.mean(gram[:, :m, m:], axis=(1, 2)))
@@ -194,7 +198,7 @@ def make_group_losses(config, apply_fn):
     _, c_out = map_coefficients(imm.f_type, s, t, schedule, cfg.noise_std)
     scale = jnp.maximum(jnp.abs(c_out), KERNEL_SCALE_FLOOR)
     mmd2 = group_mmd2(grouped(y_t), grouped(y_r), scale, kernel=imm.kernel,
-                      rbf_bandwidth=imm.rbf_bandwidth)
+                      bandwidth=imm.bandwidth)
     return weight(t, schedule, imm.a, imm.b) * mmd2, mmd2
 
   return group_losses
