@@ -19,7 +19,7 @@ from kdiff_jax import checkpoint, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, CHECKPOINT_EVERY = 12, 4
 OVERRIDES = {
-    "model.size": "XS", "training.batch_size": 64, "training.num_steps": NUM_STEPS,
+    "model.size": "T", "training.batch_size": 64, "training.num_steps": NUM_STEPS,
     "training.checkpoint_every": CHECKPOINT_EVERY, "training.log_every": 1,
     "training.sample_every": 0, "sampling.num_steps": 2, "sampling.grid_size": 2,
 }
@@ -108,8 +108,9 @@ def final_state(workdir, devices=None, **mesh):
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   start = time.time()
-  run(str(root / "one"), 1)
-  run(str(root / "two"), 2)
+  for name in ("one", "two"):
+    os.makedirs(root / name)
+  wait(launch(str(root / "one"), 1) + launch(str(root / "two"), 2))  # side by side: startup overlaps
   print(f"1x8 and 2x4 runs: {time.time() - start:.0f} s")
   return root
 
