@@ -34,6 +34,18 @@ def restore(mngr, abstract_state, step=None):
   return restored["state"], restored["data"]["position"]
 
 
+def load_state(workdir: str, checkpoint_config, abstract_state, step=None):
+  """The train state at `step` (default: the latest) for the sample, eval and export modes."""
+  mngr = manager(workdir, checkpoint_config)
+  try:
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {workdir}/checkpoints")
+    state, _ = restore(mngr, abstract_state, step)
+  finally:
+    mngr.close()
+  return state
+
+
 def restore_config(workdir: str, step=None) -> dict:
   """The config dict saved with a checkpoint (to rebuild its model for sampling or export)."""
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("config",))

@@ -298,11 +298,7 @@ def evaluate(config, workdir: str, step=None) -> dict:
   checkpoint in workdir (sampler, steps and guidance from config.sampling); writes a .json."""
   from kdiff_jax import train
   s = train.setup(config)
-  mngr = checkpoint.manager(workdir, config.checkpoint)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {workdir}/checkpoints")
-  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
-  mngr.close()
+  state = checkpoint.load_state(workdir, config.checkpoint, s.abstract_state, step)
   step = int(state["step"])
   evaluator = Evaluator(s, config)
   num = config.eval.num_samples

@@ -15,10 +15,7 @@ from kdiff_jax.data import latents
 def generate(config, workdir: str, step=None) -> str:
   """Sample config.sampling.num_samples images from the checkpoint in workdir; return the .npz path."""
   s = train.setup(config)
-  mngr = checkpoint.manager(workdir, config.checkpoint)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {workdir}/checkpoints")
-  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
+  state = checkpoint.load_state(workdir, config.checkpoint, s.abstract_state, step)
   step = int(state["step"])
   sampling = config.sampling
   classes = tuple(sampling.classes) or tuple(range(config.data.num_classes))
@@ -35,5 +32,4 @@ def generate(config, workdir: str, step=None) -> str:
     shown = latents.decode_for_display(config, samples[:sampling.grid_size**2])
     images.save_grid(shown, os.path.join(workdir, name + ".png"))
   parallel.log_once("wrote %d samples to %s", len(samples), path)
-  mngr.close()
   return path

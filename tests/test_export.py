@@ -14,7 +14,7 @@ from flax import nnx
 from configs import default, imm_digits
 from kdiff_jax import checkpoint, models, schedules, train
 from kdiff_jax.export import checkpoints, convert
-from kdiff_jax.models import dit, jit
+from kdiff_jax.models import dit, jit, torch_weights
 from kdiff_jax.objectives import flow, imm, kdiff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,6 +266,9 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits
     assert {k: v.shape for k, v in state.items()} == shapes
   safetensors = load_file(str(tmp_path / "step3000.safetensors"))
   assert all(np.array_equal(safetensors[k], pt["ema"][k].numpy()) for k in shapes)
+  read = torch_weights.read_state_dict(str(tmp_path / "step3000.pt"))  # {model, ema} -> ema
+  assert sorted(read) == sorted(shapes)
+  assert all(np.array_equal(read[k], pt["ema"][k].numpy()) for k in shapes)
   assert not np.array_equal(pt["ema"]["blocks.0.attn.qkv.weight"],
                             pt["model"]["blocks.0.attn.qkv.weight"])
 
@@ -274,9 +277,7 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits
 
   # The EMA weights sample the same digits in PyTorch (Heun, 16 steps, guidance 2) as in JAX.
   s = train.setup(config)
-  mngr = checkpoint.manager(workdir, config.checkpoint)
-  state, _ = checkpoint.restore(mngr, s.abstract_state)
-  mngr.close()
+  state = checkpoint.load_state(workdir, config.checkpoint, s.abstract_state)
   noise, labels = _noise_and_labels(config, batch=10)
   expected = np.asarray(jax.jit(s.objective.sample)(
       train.sampling_params(state, config), noise, labels, jax.random.key(0)))
@@ -305,7 +306,7 @@ def test_import_learned_sigma_dit_into_a_workdir(torch_models, tmp_path):
   path = str(tmp_path / "DiT-T-2.pt")
   torch.save(module.state_dict(), path)
 
-  state_dict = checkpoints.read_state_dict(path)
+  state_dict = torch_weights.read_state_dict(path)
   with pytest.raises(ValueError, match="learn_sigma=True"):
     checkpoints.import_state_dict(state_dict, config)
   net = checkpoints.import_state_dict(state_dict, config, drop_learned_sigma=True)

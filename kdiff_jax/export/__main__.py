@@ -26,10 +26,11 @@ def main(argv):
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   from kdiff_jax.export import checkpoints
+  from kdiff_jax.models import torch_weights
   if FLAGS.import_from:
     if FLAGS.config is None:
       raise app.UsageError("--import_from needs --config (the model to import into)")
-    net = checkpoints.import_state_dict(checkpoints.read_state_dict(FLAGS.import_from),
+    net = checkpoints.import_state_dict(torch_weights.read_state_dict(FLAGS.import_from),
                                         FLAGS.config, drop_learned_sigma=FLAGS.drop_learned_sigma)
     checkpoints.init_workdir(FLAGS.config, FLAGS.workdir, net)
   else:

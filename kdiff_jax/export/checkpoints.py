@@ -128,11 +128,7 @@ def export_checkpoint(config, workdir: str, step=None) -> dict:
   """Write stepN.{safetensors, pt, json} of the checkpoint in workdir; return their paths."""
   model_spec(config)  # fails before restoring for a model torch_models cannot build
   s = train.setup(config)
-  mngr = checkpoint.manager(workdir, config.checkpoint)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {workdir}/checkpoints")
-  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
-  mngr.close()
+  state = checkpoint.load_state(workdir, config.checkpoint, s.abstract_state, step)
   step = int(state["step"])
   params_by_weights = {"model": jax.device_get(state["params"])}
   if config.training.ema_decays:
@@ -191,22 +187,6 @@ def checkpoint_config(workdir: str, step=None) -> ml_collections.ConfigDict:
 
 
 # --- import ---------------------------------------------------------------------------------------
-
-def read_state_dict(path: str) -> dict:
-  """name -> numpy array from a .safetensors file (no torch needed) or a torch .pt / .pth.
-
-  A .pt holding {'model': ..., 'ema': ...} (DiT's training checkpoints, this module's .pt) gives
-  its 'ema' entry, as DiT's find_model does; a bare state_dict (the released DiT-XL/2) is used
-  as is.
-  """
-  if path.endswith(".safetensors"):
-    return safetensors_numpy.load_file(path)
-  import torch
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if "ema" in state:
-    state = state["ema"]
-  return {name: value.float().numpy() for name, value in state.items()}
-
 
 def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -> dict:
   """Flax net params (a pure dict, `state['params']['net']`) of config's model from a torch

@@ -84,6 +84,25 @@ class FinalLayer(nnx.Module):
     return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
 
+def set_backbone_attributes(module, *, input_size, in_channels, patch_size, hidden_size,
+                            num_heads, num_classes, time_scale, dtype, remat):
+  """The geometry, dtype and remat attributes that DiT and JiT share, checked."""
+  if input_size % patch_size:
+    raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
+  module.input_size = input_size
+  module.in_channels = in_channels
+  module.out_channels = in_channels
+  module.patch_size = patch_size
+  module.hidden_size = hidden_size
+  module.num_heads = num_heads
+  module.num_classes = num_classes
+  module.time_scale = float(time_scale)
+  module.dtype = jnp.dtype(dtype)
+  module.remat = remat
+  module._use_remat, module._remat_policy = layers.remat_policy(remat, "remat")
+  module.grid_size = input_size // patch_size
+
+
 class DiT(nnx.Module):
   """DiT (learn_sigma=False): [B, H, W, C] x, [B] t in [0, 1], [B] labels (num_classes = null)."""
 
@@ -91,21 +110,10 @@ class DiT(nnx.Module):
                depth: int, num_heads: int, mlp_ratio: float, num_classes: int,
                second_time_embedder: bool, time_scale: float = 1000.0, dtype=jnp.float32,
                remat: str = "none", rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
-    self.input_size = input_size
-    self.in_channels = in_channels
-    self.out_channels = in_channels
-    self.patch_size = patch_size
-    self.hidden_size = hidden_size
-    self.num_heads = num_heads
-    self.num_classes = num_classes
-    self.time_scale = float(time_scale)
-    self.dtype = jnp.dtype(dtype)
-    self.remat = remat
-    self._use_remat, self._remat_policy = layers.remat_policy(remat, "remat")
-    self.grid_size = input_size // patch_size
-
+    set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
+                            patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads,
+                            num_classes=num_classes, time_scale=time_scale, dtype=dtype,
+                            remat=remat)
     self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
                                         rngs=rngs)
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)

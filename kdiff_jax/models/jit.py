@@ -71,24 +71,14 @@ class JiT(nnx.Module):
                bottleneck_dim: int, in_context_len: int, in_context_start: int,
                time_scale: float = 1.0, dtype=jnp.float32, remat: str = "none",
                rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
     if in_context_len and not 0 <= in_context_start < depth:
       raise ValueError(f"in_context_start={in_context_start} must be a block index < {depth}")
-    self.input_size = input_size
-    self.in_channels = in_channels
-    self.out_channels = in_channels
-    self.patch_size = patch_size
-    self.hidden_size = hidden_size
-    self.num_heads = num_heads
-    self.num_classes = num_classes
+    dit.set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
+                                patch_size=patch_size, hidden_size=hidden_size,
+                                num_heads=num_heads, num_classes=num_classes,
+                                time_scale=time_scale, dtype=dtype, remat=remat)
     self.in_context_len = in_context_len
     self.in_context_start = in_context_start
-    self.time_scale = float(time_scale)
-    self.dtype = jnp.dtype(dtype)
-    self.remat = remat
-    self._use_remat, self._remat_policy = layers.remat_policy(remat, "remat")
-    self.grid_size = input_size // patch_size
 
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)
     self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)

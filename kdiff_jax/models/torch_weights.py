@@ -46,7 +46,11 @@ def to_flax_layout(tensor: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{torch key: float32 numpy array} from a .safetensors, .npz or torch pickle file."""
+  """{torch key: float32 numpy array} from a .safetensors, .npz or torch pickle file.
+
+  A torch file holding {'model': ..., 'ema': ...} (DiT's training checkpoints, export's .pt)
+  gives its 'ema' entry, as DiT's find_model does; a bare state_dict is used as is.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file {path!r} does not exist")
   if path.endswith(".safetensors"):
@@ -57,8 +61,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       tensors = {key: archive[key] for key in archive.files}
   else:
     import torch
-    tensors = {key: value.float().numpy()
-               for key, value in torch.load(path, map_location="cpu", weights_only=True).items()}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "ema" in state:
+      state = state["ema"]
+    tensors = {key: value.float().numpy() for key, value in state.items()}
   return {key: np.asarray(value, np.float32) for key, value in tensors.items()
           if not key.endswith("num_batches_tracked")}
 
