@@ -68,6 +68,7 @@ def get_config():
   imm.kernel = "laplace"          # laplace | rbf
   imm.bandwidth = 1.0             # c, the kernel scale multiple (1: the paper): laplace exp(-d/(c |c_out| D)),
                                   # rbf exp(-d^2/(2 h^2)) with h = c |c_out(s,t)| sqrt(D)
+  imm.estimator = "v"             # MMD^2 per group: v (all M x M pairs, the paper) | u (pairs i != j, unbiased)
   imm.a = 1.0                     # w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
   imm.b = 4.0
   imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)

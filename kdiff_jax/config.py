@@ -27,6 +27,7 @@ CHOICES = {
     "sampling.grid": samplers.GRIDS,
     "objective.imm.f_type": imm.F_TYPES,
     "objective.imm.kernel": imm.KERNELS,
+    "objective.imm.estimator": imm.ESTIMATORS,
     "objective.imm.time_conditioning": imm.TIME_CONDITIONINGS,
     "sampling.imm_method": imm_sampling.METHODS,
     "sampling.imm_grid": imm_sampling.GRIDS,

@@ -171,8 +171,8 @@ def test_weight_is_zero_at_t_zero():
 
 # --- MMD -----------------------------------------------------------------------------------------
 
-def mmd2_direct(y_t, y_r, scale, kernel, bandwidth=1.0):
-  """The V-statistic with explicit loops over pairs, float64."""
+def mmd2_direct(y_t, y_r, scale, kernel, bandwidth=1.0, estimator="v"):
+  """The V- or U-statistic with explicit loops over pairs, float64."""
   m, dim = len(y_t), y_t[0].size
 
   def k(a, b):
@@ -181,25 +181,61 @@ def mmd2_direct(y_t, y_r, scale, kernel, bandwidth=1.0):
       return np.exp(-np.sqrt(max(squared, 1e-8)) / (bandwidth * scale * dim))
     return np.exp(-squared / (2.0 * (bandwidth * scale * np.sqrt(dim)) ** 2))
 
-  mean_k = lambda u, v: sum(k(a, b) for a in u for b in v) / m**2
+  if estimator == "v":
+    mean_k = lambda u, v: sum(k(a, b) for a in u for b in v) / m**2
+  else:
+    mean_k = lambda u, v: sum(k(u[i], v[j]) for i in range(m) for j in range(m) if i != j) / (
+        m * (m - 1))
   return mean_k(y_t, y_t) + mean_k(y_r, y_r) - 2.0 * mean_k(y_t, y_r)
 
 
 @pytest.mark.parametrize("kernel", imm.KERNELS)
-def test_mmd2_matches_the_direct_v_statistic_and_is_nonnegative(kernel):
+@pytest.mark.parametrize("estimator", imm.ESTIMATORS)
+def test_mmd2_matches_the_direct_statistic(kernel, estimator):
   rng = np.random.default_rng(4)
   y_t = rng.normal(size=(6, 4, 3, 2)).astype(np.float32)
   y_r = (y_t + rng.normal(size=y_t.shape)).astype(np.float32)
   scale = rng.uniform(0.01, 0.2, size=6).astype(np.float32)
   got = imm.group_mmd2(jnp.asarray(y_t), jnp.asarray(y_r), jnp.asarray(scale), kernel=kernel,
-                       bandwidth=0.7)
-  expected = [mmd2_direct(y_t[g], y_r[g], float(scale[g]), kernel, 0.7) for g in range(6)]
+                       bandwidth=0.7, estimator=estimator)
+  expected = [mmd2_direct(y_t[g], y_r[g], float(scale[g]), kernel, 0.7, estimator)
+              for g in range(6)]
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-  assert np.all(np.asarray(got) >= -1e-7)
+
+
+@pytest.mark.parametrize("kernel", imm.KERNELS)
+def test_v_statistic_is_nonnegative(kernel):
+  rng = np.random.default_rng(4)
   random = imm.group_mmd2(jnp.asarray(rng.normal(size=(200, 4, 5)), jnp.float32),
                           jnp.asarray(rng.normal(size=(200, 4, 5)), jnp.float32),
                           jnp.full((200,), 0.1), kernel=kernel)
   assert np.all(np.asarray(random) >= -1e-7)
+
+
+def test_estimators_have_their_closed_form_expectations():
+  """Paired Gaussian particles, RBF kernel: the U-statistic averages to MMD^2(P_t, P_r), the
+  V-statistic to MMD^2 plus its bias (group_mmd2's docstring).
+
+  y_t ~ N(0, I_D), y_r = rho·y_t + sqrt(1 - rho^2)·z + delta (the pairing of IMM's shared x, n).
+  For W ~ N(mu, v·I_D): E exp(-|W|^2/(2h^2)) = (h^2/(h^2 + v))^(D/2)·exp(-|mu|^2/(2(h^2 + v))).
+  """
+  groups, m, dim, rho, h = 40000, 4, 2, 0.8, 1.5
+  delta = np.array([0.6, -0.3])
+  rng = np.random.default_rng(11)
+  y_t = rng.normal(size=(groups, m, dim))
+  y_r = rho * y_t + np.sqrt(1 - rho**2) * rng.normal(size=y_t.shape) + delta
+  scale = jnp.full((groups,), h / np.sqrt(dim), jnp.float32)   # h = scale·sqrt(D)
+  gauss = lambda mu2, v: (h**2 / (h**2 + v)) ** (dim / 2) * np.exp(-mu2 / (2 * (h**2 + v)))
+  k_within, k_cross = gauss(0.0, 2.0), gauss(delta @ delta, 2.0)
+  k_paired = gauss(delta @ delta, 2.0 * (1 - rho))
+  mmd2 = 2 * k_within - 2 * k_cross
+  v_bias = (2 - 2 * k_within) / m - 2 * (k_paired - k_cross) / m
+  for estimator, expected in (("u", mmd2), ("v", mmd2 + v_bias)):
+    values = np.asarray(imm.group_mmd2(jnp.asarray(y_t, jnp.float32), jnp.asarray(y_r, jnp.float32),
+                                       scale, kernel="rbf", estimator=estimator), np.float64)
+    standard_error = values.std() / np.sqrt(groups)
+    assert abs(values.mean() - expected) < 4 * standard_error, (estimator, values.mean(), expected)
+  assert abs(v_bias) > 20 * standard_error   # the two expectations are told apart
 
 
 @pytest.mark.parametrize("kernel", imm.KERNELS)
@@ -313,6 +349,14 @@ def test_no_gradient_flows_through_the_target_pass():
   moved = jax.tree.map(lambda v: v, params)
   moved["net"]["target"]["w"] = jnp.float32(1.2)
   assert float(loss(moved, batch, key)[0]) != float(loss(params, batch, key)[0])
+
+
+def test_u_statistic_needs_two_particles_per_group():
+  config = tiny_imm_config()
+  config.objective.imm.estimator = "u"
+  config.objective.imm.group_size = 1
+  with pytest.raises(ValueError, match="group_size=1 must be >= 2"):
+    train.setup(config, jax.devices()[:1])
 
 
 def test_imm_needs_the_second_time_embedder():

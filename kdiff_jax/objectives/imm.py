@@ -6,7 +6,8 @@ draws; n ~ N(0, sigma_d^2 I)) and one time triple eps <= s <= r < t <= T per gro
   x_t = alpha_t·x + sigma_t·n,   x_r = alpha_r·x + sigma_r·n           (the same x and n)
   y_t = f_{s,t}(x_t)                                 online pass: gradients, dropped labels
   y_r = stop_gradient(f_{s,r}(x_r))                  target pass: current weights, float32
-  loss = mean over groups of w(s,t)·MMD^2(y_t, y_r)  (V-statistic over all M x M pairs, Eq. 67)
+  loss = mean over groups of w(s,t)·MMD^2(y_t, y_r)  (V-statistic over all M x M pairs, Eq. 67;
+                                                     or the unbiased U-statistic, `group_mmd2`)
 
 with t ~ p(t) on [eps, T] = [objective.t_min, objective.t_max], s ~ U(eps, t) and r(s, t) a
 constant decrement in eta = sigma/alpha (`intermediate_time`). The network G sees
@@ -25,6 +26,7 @@ from kdiff_jax.samplers import imm as imm_sampling
 
 F_TYPES = ("euler_fm", "simple_edm", "identity")
 KERNELS = ("laplace", "rbf")
+ESTIMATORS = ("v", "u")
 TIME_CONDITIONINGS = ("identity", "stride")
 
 # Floor on the squared distance inside the Laplace kernel's square root: the V-statistic has
@@ -125,19 +127,34 @@ def kernel_matrix(squared_distance, scale, dim, kernel, bandwidth):
   raise ValueError(f"objective.imm.kernel={kernel!r}: allowed values are {list(KERNELS)}")
 
 
-def group_mmd2(y_t, y_r, scale, *, kernel, bandwidth=1.0):
-  """V-statistic MMD^2 per group: mean K(y_t, y_t) + mean K(y_r, y_r) - 2·mean K(y_t, y_r).
+def group_mmd2(y_t, y_r, scale, *, kernel, bandwidth=1.0, estimator="v"):
+  """MMD^2 per group of y_t against y_r, from the M x M blocks K_tt, K_rr, K_tr of the Gram matrix.
 
-  y_t, y_r: [G, M, ...] float32 particles; scale: [G] kernel scales. All M x M pairs, diagonal
-  included (IMM Eq. 67). Distances are taken from differences (no |a|^2 + |b|^2 - 2ab cancellation).
+  v: mean K_tt + mean K_rr - 2·mean K_tr over all pairs, diagonal included (IMM Eq. 67).
+  u: the same means over the pairs i != j only (Gretton et al. 2012, Eq. 3, MMD^2_u), unbiased:
+     E[MMD^2_u] = MMD^2(P_t, P_r). The V-statistic's expectation adds
+     (1/M)·(2 - E K(y_t, y_t') - E K(y_r, y_r')) - (2/M)·(E K(y_t^i, y_r^i) - E K(y_t, y_r'))
+     (the second term from the paired particles, which share x and n): its first part is smallest
+     for a concentrated y_t, so with few particles its minimiser is narrower than the target.
+  y_t, y_r: [G, M, ...] float32 particles; scale: [G] kernel scales. Distances are taken from
+  differences (no |a|^2 + |b|^2 - 2ab cancellation). MMD^2_u can be negative, and trains worse
+  on the 2-D toys (benchmarks/imm_toy.py): the paired terms carry much of the signal.
   """
   groups, particles = y_t.shape[:2]
   y = jnp.concatenate([y_t, y_r], axis=1).reshape(groups, 2 * particles, -1)
   squared_distance = jnp.sum(jnp.square(y[:, :, None] - y[:, None, :]), axis=-1)
   gram = kernel_matrix(squared_distance, scale[:, None, None], y.shape[-1], kernel, bandwidth)
   m = particles
-  return (jnp.mean(gram[:, :m, :m], axis=(1, 2)) + jnp.mean(gram[:, m:, m:], axis=(1, 2))
-          - 2.0 * jnp.mean(gram[:, :m, m:], axis=(1, 2)))
+  blocks = gram[:, :m, :m], gram[:, m:, m:], gram[:, :m, m:]
+  if estimator == "v":
+    k_tt, k_rr, k_tr = (jnp.mean(block, axis=(1, 2)) for block in blocks)
+  elif estimator == "u":
+    off_diagonal_mean = lambda block: ((jnp.sum(block, axis=(1, 2))
+                                        - jnp.trace(block, axis1=1, axis2=2)) / (m * (m - 1)))
+    k_tt, k_rr, k_tr = (off_diagonal_mean(block) for block in blocks)
+  else:
+    raise ValueError(f"objective.imm.estimator={estimator!r}: allowed values are {list(ESTIMATORS)}")
+  return k_tt + k_rr - 2.0 * k_tr
 
 
 def check_config(config):
@@ -146,6 +163,9 @@ def check_config(config):
   if not config.model.second_time_embedder:
     raise ValueError("objective.name='imm' conditions the network on t and on s (or t - s): "
                      "set model.second_time_embedder=True")
+  if cfg.imm.estimator == "u" and cfg.imm.group_size < 2:
+    raise ValueError(f"objective.imm.estimator='u' needs pairs i != j: objective.imm.group_size="
+                     f"{cfg.imm.group_size} must be >= 2")
   schedule = schedules.get(cfg.schedule)
   if not float(schedule.eta(float(cfg.t_max))) < float("inf"):
     raise ValueError(f"objective.t_max={cfg.t_max}: IMM needs a finite eta(T) = sigma/alpha "
@@ -198,7 +218,7 @@ def make_group_losses(config, apply_fn):
     _, c_out = map_coefficients(imm.f_type, s, t, schedule, cfg.noise_std)
     scale = jnp.maximum(jnp.abs(c_out), KERNEL_SCALE_FLOOR)
     mmd2 = group_mmd2(grouped(y_t), grouped(y_r), scale, kernel=imm.kernel,
-                      bandwidth=imm.bandwidth)
+                      bandwidth=imm.bandwidth, estimator=imm.estimator)
     return weight(t, schedule, imm.a, imm.b) * mmd2, mmd2
 
   return group_losses
