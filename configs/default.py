@@ -109,6 +109,19 @@ def get_config():
   sampling.grid = "uniform_t"     # see kdiff_jax.samplers
   sampling.t_start = 1.0          # sampling runs from t_start (noise) down to t_end
   sampling.t_end = 0.0
+  # The method's and grid's options (kdiff_jax.samplers); changing one the method and grid do not
+  # read is an error.
+  sampling.options = ml_collections.ConfigDict(dict(
+      eta=0.0,                    # ddim: 0 deterministic, 1 the ancestral DDPM posterior step
+      S_churn=0.0,                # edm_heun: Karras et al. 2022 Alg. 2 churn (0 = deterministic),
+      S_tmin=0.0,                 #   applied where S_tmin <= sigma/alpha <= S_tmax,
+      S_tmax=float("inf"),
+      S_noise=1.0,                #   with noise scale S_noise
+      midpoint="t",               # f_pndm: the RK midpoint halves t | eta
+      variant="bh2",              # unipc_2: B(h) = h (bh1) | expm1(h) (bh2)
+      rho=7.0,                    # grid karras: the ramp's exponent
+      shift=3.0,                  # grid shift: t' = a·t/(1 + (a-1)·t)
+  ))
   sampling.guidance_scale = 1.0   # 1 = no guidance
   sampling.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
   sampling.grid_size = 8          # the PNG holds grid_size x grid_size samples

@@ -25,6 +25,8 @@ CHOICES = {
     "optimizer.lr_schedule": ("constant", "cosine"),
     "sampling.method": samplers.METHODS,
     "sampling.grid": samplers.GRIDS,
+    "sampling.options.midpoint": ("t", "eta"),
+    "sampling.options.variant": ("bh1", "bh2"),
     "objective.imm.f_type": imm.F_TYPES,
     "objective.imm.kernel": imm.KERNELS,
     "objective.imm.estimator": imm.ESTIMATORS,
@@ -71,6 +73,13 @@ RANGES = {
     "sampling.num_steps": (lambda v: v > 0, "> 0"),
     "sampling.grid_size": (lambda v: v > 0, "> 0"),
     "sampling.num_samples": (lambda v: v > 0, "> 0"),
+    "sampling.options.eta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "sampling.options.S_churn": (lambda v: v >= 0, ">= 0"),
+    "sampling.options.S_tmin": (lambda v: v >= 0, ">= 0"),
+    "sampling.options.S_tmax": (lambda v: v > 0, "> 0"),
+    "sampling.options.S_noise": (lambda v: v >= 0, ">= 0"),
+    "sampling.options.rho": (lambda v: v > 0, "> 0"),
+    "sampling.options.shift": (lambda v: v > 0, "> 0"),
     "checkpoint.max_to_keep": (lambda v: v > 0, "> 0"),
     "data.latent_shard_size": (lambda v: v > 0, "> 0"),
     "data.encode_batch_size": (lambda v: v > 0, "> 0"),
@@ -110,6 +119,9 @@ def validate(config) -> None:
   for path, (ok, rule) in RANGES.items():
     if not ok(values[path]):
       raise ValueError(f"{path}={values[path]!r}: must be {rule}")
+  if values["objective.name"] != "imm":  # IMM samples with sampling.imm_method
+    samplers.configured_options(values["sampling.method"], values["sampling.grid"],
+                                config.sampling.options)
   if values["objective.t_min"] >= values["objective.t_max"]:
     raise ValueError(f"objective.t_min={values['objective.t_min']} must be < objective.t_max="
                      f"{values['objective.t_max']}")

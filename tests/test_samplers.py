@@ -325,3 +325,50 @@ def test_clear_errors():
     samplers.sample(never_called, x_start(), schedule=RF, prediction="eps", method="ddim", num_steps=4)
   with pytest.raises(ValueError, match=r"t_start"):
     samplers.sample(never_called, x_start(), method="edm_heun", **kwargs)
+
+
+# --- config.sampling.options ---------------------------------------------------------------------
+
+def test_config_options_default_to_the_methods_defaults():
+  from configs import default
+  assert default.get_config().sampling.options.to_dict() == samplers.option_defaults()
+
+
+def test_config_options_reach_the_sampler_and_stray_ones_fail_at_start():
+  from configs import default
+  from kdiff_jax import config as config_lib
+  from kdiff_jax.objectives import flow
+  config = default.get_config()
+  config.data.num_classes = 2
+  config.objective.prediction = "velocity"
+  config.sampling.method, config.sampling.num_steps = "ddim", 6
+  apply_fn = lambda params, x_t, t, y: params["scale"] * x_t   # any smooth "network"
+  params = {"net": {"scale": jnp.float32(0.4)}}
+  noise, labels = jnp.asarray(x_start(8), jnp.float32), jnp.zeros((8,), jnp.int32)
+
+  def draw(eta, seed):
+    config.sampling.options.eta = eta
+    config_lib.validate(config)
+    sample = flow.ode_sampler(config, apply_fn, RF, "velocity")
+    return np.asarray(sample(params, noise, labels, jax.random.key(seed)))
+
+  np.testing.assert_array_equal(draw(0.0, 0), draw(0.0, 1))       # deterministic DDIM
+  assert not np.allclose(draw(1.0, 0), draw(1.0, 1))               # ancestral: the key matters
+  direct = samplers.sample(lambda x, t: 0.4 * x, noise, schedule=RF, prediction="velocity",
+                           method="ddim", num_steps=6, key=jax.random.key(0), eta=1.0)
+  np.testing.assert_allclose(draw(1.0, 0), direct, rtol=1e-6, atol=1e-6)
+
+  config.sampling.method = "heun"   # eta = 1 is still set
+  with pytest.raises(ValueError, match=r"sampling\.options\.eta=1\.0 has no effect.*'heun'.*\['ddim'\]"):
+    config_lib.validate(config)
+  config.sampling.options.eta = 0.0
+  config.sampling.options.rho = 5.0
+  with pytest.raises(ValueError, match=r"sampling\.options\.rho=5\.0.*grid karras"):
+    config_lib.validate(config)
+  config.sampling.grid = "karras"
+  config_lib.validate(config)
+  config.sampling.options.eta = 2.0
+  with pytest.raises(ValueError, match=r"sampling\.options\.eta=2\.0: must be in \[0, 1\]"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match=r"sampling\.options\.etaa: unknown option"):
+    samplers.configured_options("ddim", "uniform_t", {"etaa": 1.0})

@@ -72,6 +72,7 @@ def ode_sampler(config, apply_fn, schedule, prediction, min_divisor=0.0):
   min_divisor: the clamp of parameterization.to_x_eps, the same one the loss used.
   """
   sampling = config.sampling
+  options = samplers.configured_options(sampling.method, sampling.grid, sampling.options)
 
   def sample(params, noise, labels, key, k=None):
     net = lambda x_t, t, y: apply_fn(params["net"], x_t, t, y).astype(jnp.float32)
@@ -81,7 +82,8 @@ def ode_sampler(config, apply_fn, schedule, prediction, min_divisor=0.0):
     return samplers.sample(
         model_fn, noise, schedule=schedule, prediction=prediction, method=sampling.method,
         num_steps=sampling.num_steps, key=key, grid=sampling.grid, t_start=sampling.t_start,
-        t_end=sampling.t_end, k=k, noise_std=config.objective.noise_std, min_divisor=min_divisor)
+        t_end=sampling.t_end, k=k, noise_std=config.objective.noise_std, min_divisor=min_divisor,
+        **options)
 
   return sample
 

@@ -50,13 +50,52 @@ _REGISTRY = {
 }
 METHODS = tuple(_REGISTRY)
 
-__all__ = ["sample", "nfe", "plan", "time_grid", "METHODS", "GRIDS", "guidance"]
+# grid -> the options of grids.time_grid it reads.
+_GRID_TAKES = {"uniform_t": (), "karras": ("rho",), "uniform_lambda": (), "shift": ("shift",)}
+
+__all__ = ["sample", "nfe", "plan", "time_grid", "configured_options", "option_defaults",
+           "METHODS", "GRIDS", "guidance"]
 
 
 def _lookup(method):
   if method not in _REGISTRY:
     raise ValueError(f"sampling.method={method!r}: allowed values are {list(METHODS)}")
   return _REGISTRY[method]
+
+
+def option_defaults() -> dict:
+  """{option: default} of every method's options and of the grid options rho and shift."""
+  defaults = {}
+  for builder, _ in _REGISTRY.values():
+    defaults.update({name: p.default for name, p in inspect.signature(builder).parameters.items()
+                     if name != "ctx"})
+  grid_parameters = inspect.signature(grids.time_grid).parameters
+  defaults.update({name: grid_parameters[name].default for names in _GRID_TAKES.values()
+                   for name in names})
+  return defaults
+
+
+def configured_options(method, grid, options) -> dict:
+  """The entries of `options` (config.sampling.options) that `method` and `grid` read.
+
+  An unknown option, or one changed from its default that neither reads (eta with heun, rho
+  with uniform_t), is an error naming the field and who reads it.
+  """
+  builder, _ = _lookup(method)
+  reads = set(inspect.signature(builder).parameters) | set(_GRID_TAKES.get(grid, ()))
+  defaults = option_defaults()
+  taken = {}
+  for name, value in dict(options).items():
+    if name not in defaults:
+      raise ValueError(f"sampling.options.{name}: unknown option; allowed are {sorted(defaults)}")
+    if name in reads:
+      taken[name] = value
+    elif value != defaults[name]:
+      readers = sorted(m for m, (b, _) in _REGISTRY.items() if name in inspect.signature(b).parameters)
+      readers += [f"grid {g}" for g, names in _GRID_TAKES.items() if name in names]
+      raise ValueError(f"sampling.options.{name}={value!r} has no effect with sampling.method="
+                       f"{method!r} and sampling.grid={grid!r}; it is read by {readers}")
+  return taken
 
 
 def nfe(method, num_steps, *, final_sigma_zero=True):

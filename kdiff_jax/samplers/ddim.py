@@ -19,7 +19,7 @@ def ddim_coefs(ctx, t, s, eta=0.0):
     return {"t": t, "a": sigma_s / sigma_t, "b": -alpha_s * np.expm1(-h), "c": 0.0}
   c = eta * sigma_s * np.sqrt(-np.expm1(-2.0 * h))
   if c > sigma_s * (1.0 + 1e-12):
-    raise ValueError(f"sampling.eta={eta}: the DDIM noise c = {c} exceeds sigma_s = {sigma_s} "
+    raise ValueError(f"sampling.options.eta={eta}: the DDIM noise c = {c} exceeds sigma_s = {sigma_s} "
                      f"on the step {t} -> {s}; use eta <= 1")
   a = np.sqrt(max(sigma_s**2 - c**2, 0.0)) / sigma_t
   return {"t": t, "a": a, "b": alpha_s - a * alpha_t, "c": 0.0, "d": c * ctx.noise_std}
@@ -29,7 +29,7 @@ def ddim(ctx, eta=0.0):
   """DDIM with noise level eta >= 0 (eta = 1: the ancestral DDPM posterior step)."""
   eta = float(eta)
   if eta < 0.0:
-    raise ValueError(f"sampling.eta={eta}: must be >= 0")
+    raise ValueError(f"sampling.options.eta={eta}: must be >= 0")
   body = core.linear_step if eta == 0.0 else core.linear_noise_step
   times = ctx.times
   return core.steps_to_plan([(body, ddim_coefs(ctx, t, s, eta), eta > 0.0)

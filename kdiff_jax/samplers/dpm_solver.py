@@ -65,7 +65,7 @@ def _unipc_last_step(carry, c, key, denoise):
 def unipc_2(ctx, variant="bh2"):
   """UniPC with order 2 (UniP-2 + UniC-2): first step order 1, then order 2 (Zhao et al. 2023, Alg. 2/3)."""
   if variant not in ("bh1", "bh2"):
-    raise ValueError(f"sampling.variant={variant!r}: allowed values are ['bh1', 'bh2']")
+    raise ValueError(f"sampling.options.variant={variant!r}: allowed values are ['bh1', 'bh2']")
   times, lambdas = ctx.times, ctx.lambda_(ctx.times)
   steps = []
   for i, (t, s) in enumerate(zip(times[:-1], times[1:])):

@@ -30,7 +30,7 @@ _euler_churn = _with_churn(core.phi_euler_step)
 def edm_heun(ctx, S_churn=0.0, S_tmin=0.0, S_tmax=float("inf"), S_noise=1.0):
   ctx.require_alpha_positive("steps in x_bar = x/alpha")
   if S_churn < 0:
-    raise ValueError(f"sampling.S_churn={S_churn}: must be >= 0")
+    raise ValueError(f"sampling.options.S_churn={S_churn}: must be >= 0")
   churn = S_churn > 0
   steps = []
   for t, s in zip(ctx.times[:-1], ctx.times[1:]):

@@ -48,7 +48,7 @@ def time_grid(schedule, num_steps, grid="uniform_t", *, t_start=1.0, t_end=0.0, 
     times = np.linspace(t_start, t_end, num_steps + 1)
   elif grid == "shift":
     if shift <= 0:
-      raise ValueError(f"sampling.shift={shift}: must be > 0")
+      raise ValueError(f"sampling.options.shift={shift}: must be > 0")
     unshift = lambda t: t / (shift - (shift - 1.0) * t)
     u = np.linspace(unshift(t_start), unshift(t_end), num_steps + 1)
     times = shift * u / (1.0 + (shift - 1.0) * u)

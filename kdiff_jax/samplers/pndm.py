@@ -86,7 +86,7 @@ def f_pndm(ctx, midpoint="t"):
   """midpoint='t': m = (t + s)/2 (the paper's t - delta/2); 'eta': eta_m = (eta_t + eta_s)/2."""
   ctx.require_alpha_positive(_WHY)
   if midpoint not in ("t", "eta"):
-    raise ValueError(f"sampling.midpoint={midpoint!r}: allowed values are ['t', 'eta']")
+    raise ValueError(f"sampling.options.midpoint={midpoint!r}: allowed values are ['t', 'eta']")
   steps = []
   for i, (t, s) in enumerate(zip(ctx.times[:-1], ctx.times[1:])):
     coefs = _phi_coefs(ctx, t, s)
