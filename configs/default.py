@@ -98,7 +98,8 @@ def get_config():
   training.batch_size = 256       # global batch, over all hosts and devices
   training.num_steps = 1000
   training.ema_decays = (0.9999,)  # one EMA pytree per decay
-  training.log_every = 50
+  training.log_every = 50         # metrics are averaged over log_every steps ...
+  training.per_step_metrics = ("k",)  # ... except these, written at every step (k-Diff's k)
   training.sample_every = 0       # steps between sample-grid PNGs; 0 = only at the end
   training.checkpoint_every = 500
 

@@ -19,5 +19,4 @@ def get_config():
   config.objective.kdiff.learnable = True
   config.objective.kdiff.k_init = 0.5
   config.objective.kdiff.w_k_scale = 30.0
-  config.training.log_every = 1
   return config

@@ -288,8 +288,7 @@ def train_and_evaluate(config, workdir: str):
         if step % training.log_every == 0 or last:
           history.append(_check_finite(*pending))
           pending = None
-          summary = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
-          writer.write_scalars(step, summary)
+          _write_metrics(writer, step, history, training.per_step_metrics)
           history = []
         if training.sample_every and step % training.sample_every == 0 or last:
           write_samples(step)
@@ -310,8 +309,21 @@ def train_and_evaluate(config, workdir: str):
   return state
 
 
-def _check_finite(step: int, metrics) -> dict:
+def _check_finite(step: int, metrics) -> tuple:
+  """(step, {name: float}) of one step's metrics; raises on a non-finite loss."""
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not np.isfinite(values["loss"]):
     raise NonFiniteLossError(f"non-finite loss {values['loss']} at step {step}")
-  return values
+  return step, values
+
+
+def _write_metrics(writer, step: int, history, per_step_names) -> None:
+  """The mean over `history` ((step, values) since the last write) at `step`; the metrics named
+  in training.per_step_metrics (k-Diff's k) at each of their own steps instead."""
+  names = history[-1][1]
+  per_step = [name for name in names if name in per_step_names]
+  for own_step, values in history:
+    if per_step:
+      writer.write_scalars(own_step, {name: values[name] for name in per_step})
+  writer.write_scalars(step, {name: float(np.mean([values[name] for _, values in history]))
+                              for name in names if name not in per_step})

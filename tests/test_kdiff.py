@@ -310,6 +310,45 @@ def test_trainer_trains_w_k_tracks_it_in_the_ema_and_logs_k():
   assert float(train.sampling_params(state, config)["w_k"]) == pytest.approx(ema, rel=1e-6)
 
 
+def _scalars(workdir, tags=("k", "loss")):
+  """{tag: {step: value}} of the scalars `tags` in the TensorBoard events in workdir."""
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(str(workdir / "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in tags:
+          out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+def test_k_is_written_every_step_and_the_loss_every_log_every(tmp_path):
+  config = _tiny_trainer_config()
+  config.training.num_steps, config.training.log_every = 6, 3
+  config.training.checkpoint_every = 6
+  config.checkpoint.async_save = False
+  config.sampling.num_steps, config.sampling.grid_size = 2, 1
+  config.mesh.data = -1   # all 8 simulated devices, in the run and in the replay
+  train.train_and_evaluate(config, str(tmp_path))
+  scalars = _scalars(tmp_path)
+
+  # The same steps replayed by hand: the step's k and the loss averaged over 3 steps.
+  s = train.setup(config)
+  state, step = train.init_state(s), train.make_train_step(s)
+  iterator = data.build_iterator(config.data, global_batch_size=8, seed=config.seed,
+                                 sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
+  ks, losses = [], []
+  for _ in range(6):
+    state, metrics = step(state, next(iterator))
+    ks.append(float(metrics["k"]))
+    losses.append(float(metrics["loss"]))
+  assert sorted(scalars["k"]) == [1, 2, 3, 4, 5, 6] and ks[0] == 0.5 and len(set(ks)) == 6
+  np.testing.assert_allclose([scalars["k"][i] for i in range(1, 7)], ks, rtol=1e-5)
+  assert sorted(scalars["loss"]) == [3, 6]
+  np.testing.assert_allclose([scalars["loss"][3], scalars["loss"][6]],
+                             [np.mean(losses[:3]), np.mean(losses[3:])], rtol=1e-5)
+
+
 # --- configs ------------------------------------------------------------------------------------
 
 def test_kdiff_options_are_validated():
