@@ -25,6 +25,11 @@ trains worse with both kernels. 8gaussians (floor 1.94), ED x1e-3 at 1/2/4/8 ste
 The paired terms K(y_t^i, y_r^i), a low-variance pull of each particle toward its own target,
 carry much of the training signal.
 
+At 4-8 steps IMM-RBF reaches 1.0-1.4x the floor; IMM-Laplace stays near 3x on 8gaussians (its
+samples too concentrated). Not the cause, measured on 8gaussians (ED x1e-3 at 1/2/4/8 steps):
+finite-M bias (M = 32, batch 512: 12.8 / 5.9 / 5.8 / 5.9), kernel width (c = 64, 2 seeds,
+floor 2.68: 16.2 / 4.7 / 4.8 / 5.1), training length (32000 steps: 28.2 / 8.0 / 7.3 / 7.0).
+
   python benchmarks/imm_toy.py [--toys=8gaussians,moons] [--steps=16000] [--group_size=8]
 """
 import os
