@@ -11,9 +11,8 @@ between n model samples and n fresh data points, averaged over seeds; the noise 
 between two fresh data sets of the same size (what a perfect model scores).
 
 Settings: the paper's kernel scales (c = objective.imm.bandwidth = 1 for both kernels), M = 8
-particles per group (M = 4 leaves 4-8 step samples too concentrated: with few particles the
-V-statistic is dominated by its paired terms, a regression toward the conditional centre), and
-16000 steps (IMM's many-step maps converge later than its one-step map).
+particles per group (M = 4 left 4-8 step samples more concentrated; M = 32 is no better than
+8, see below), and 16000 steps (IMM's many-step maps converge later than its one-step map).
 
 The unbiased MMD^2_u (--estimator=u: pairs i != j only, which drops the paired particles' terms)
 trains worse with both kernels. 8gaussians (floor 1.94), ED x1e-3 at 1/2/4/8 steps, 2-core CPU:

@@ -322,8 +322,8 @@ def _write_metrics(writer, step: int, history, per_step_names) -> None:
   in training.per_step_metrics (k-Diff's k) at each of their own steps instead."""
   names = history[-1][1]
   per_step = [name for name in names if name in per_step_names]
-  for own_step, values in history:
-    if per_step:
+  if per_step:
+    for own_step, values in history:
       writer.write_scalars(own_step, {name: values[name] for name in per_step})
   writer.write_scalars(step, {name: float(np.mean([values[name] for _, values in history]))
                               for name in names if name not in per_step})

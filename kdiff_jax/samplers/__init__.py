@@ -50,9 +50,6 @@ _REGISTRY = {
 }
 METHODS = tuple(_REGISTRY)
 
-# grid -> the options of grids.time_grid it reads.
-_GRID_TAKES = {"uniform_t": (), "karras": ("rho",), "uniform_lambda": (), "shift": ("shift",)}
-
 __all__ = ["sample", "nfe", "plan", "time_grid", "configured_options", "option_defaults",
            "METHODS", "GRIDS", "guidance"]
 
@@ -70,7 +67,7 @@ def option_defaults() -> dict:
     defaults.update({name: p.default for name, p in inspect.signature(builder).parameters.items()
                      if name != "ctx"})
   grid_parameters = inspect.signature(grids.time_grid).parameters
-  defaults.update({name: grid_parameters[name].default for names in _GRID_TAKES.values()
+  defaults.update({name: grid_parameters[name].default for names in grids.GRID_READS.values()
                    for name in names})
   return defaults
 
@@ -82,7 +79,7 @@ def configured_options(method, grid, options) -> dict:
   with uniform_t), is an error naming the field and who reads it.
   """
   builder, _ = _lookup(method)
-  reads = set(inspect.signature(builder).parameters) | set(_GRID_TAKES.get(grid, ()))
+  reads = set(inspect.signature(builder).parameters) | set(grids.GRID_READS.get(grid, ()))
   defaults = option_defaults()
   taken = {}
   for name, value in dict(options).items():
@@ -92,7 +89,7 @@ def configured_options(method, grid, options) -> dict:
       taken[name] = value
     elif value != defaults[name]:
       readers = sorted(m for m, (b, _) in _REGISTRY.items() if name in inspect.signature(b).parameters)
-      readers += [f"grid {g}" for g, names in _GRID_TAKES.items() if name in names]
+      readers += [f"grid {g}" for g, names in grids.GRID_READS.items() if name in names]
       raise ValueError(f"sampling.options.{name}={value!r} has no effect with sampling.method="
                        f"{method!r} and sampling.grid={grid!r}; it is read by {readers}")
   return taken

@@ -15,7 +15,10 @@ step's source time; t_start and t_end are always hit exactly.
 """
 import numpy as np
 
-GRIDS = ("uniform_t", "karras", "uniform_lambda", "shift")
+# grid -> the options of time_grid it reads (config.sampling.options; karras also reads the
+# sigma_max / sigma_min overrides, which are not config fields).
+GRID_READS = {"uniform_t": (), "karras": ("rho",), "uniform_lambda": (), "shift": ("shift",)}
+GRIDS = tuple(GRID_READS)
 GRID_OPTIONS = ("rho", "shift", "sigma_max", "sigma_min")
 
 # eta(t) above this is treated as infinite: alpha(t) is zero up to rounding (cosine at t = 1).
