@@ -208,13 +208,15 @@ def _divergence_advice(mngr, config) -> str:
   return f"{kept}. To go on: {advice}."
 
 
-def train_and_evaluate(config, workdir: str, *, source: str = "", allow_config_change=()):
+def train_and_evaluate(config, workdir: str, *, source: str = "", allow_config_change=(),
+                       devices=None):
   """Train (resuming from the newest checkpoint in workdir) and return the final state.
 
   source: where the config came from (the config file), for the console header.
   allow_config_change: fields a resumed run may change although config.check_resume refuses.
+  devices: the devices of the mesh (default: all).
   """
-  s = setup(config)
+  s = setup(config, devices)
   training = config.training
   mngr = checkpoint.manager(workdir, config.checkpoint)
   state, position = _restore_or_init(s, mngr, workdir, allow_config_change)

@@ -35,7 +35,27 @@ def train_demo(name: str, workdir: str):
   return importlib.import_module(f"configs.{name}").get_config(), workdir
 
 
+def once_per_run(tmp_path_factory, name: str, make):
+  """make(directory) run once per test run, also when pytest-xdist splits the run over workers
+  (the first worker makes it under a file lock, the others wait and reuse it); the directory."""
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if run_id is None:
+    directory = str(tmp_path_factory.mktemp(name))
+    make(directory)
+    return directory
+  from filelock import FileLock
+  directory = os.path.join(str(tmp_path_factory.getbasetemp().parent), f"{run_id}_{name}")
+  with FileLock(directory + ".lock"):
+    if not os.path.exists(os.path.join(directory, ".done")):
+      os.makedirs(directory, exist_ok=True)
+      make(directory)
+      open(os.path.join(directory, ".done"), "w").close()
+  return directory
+
+
 @pytest.fixture(scope="session")
 def digits_fm_run(tmp_path_factory):
-  """The README demo command (main.py on configs/digits_fm.py), run once per test session."""
-  return train_demo("digits_fm", str(tmp_path_factory.mktemp("digits_fm")))
+  """The README demo command (main.py on configs/digits_fm.py), run once per test run."""
+  directory = once_per_run(tmp_path_factory, "digits_fm", lambda d: train_demo("digits_fm", d))
+  from configs import digits_fm
+  return digits_fm.get_config(), directory

@@ -12,6 +12,12 @@ import pytest
 from kdiff_jax import actions, checkpoint, state as state_lib, train
 from tests.test_train import poison, tiny_config
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
+
+ONE = jax.devices()[:1]   # what is tested here needs no mesh; one device is twice as fast
+
 
 def config_6_steps(**training):
   config = tiny_config()
@@ -25,7 +31,7 @@ def trained(tmp_path_factory):
   """A 6-step run with checkpoints at steps 2, 4 and 6: (config, workdir)."""
   workdir = str(tmp_path_factory.mktemp("trained"))
   config = config_6_steps()
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, devices=ONE)
   return config, workdir
 
 
@@ -56,7 +62,7 @@ DAMAGES = {
 
 
 def _restore(config, workdir):
-  s = train.setup(config)
+  s = train.setup(config, ONE)
   mngr = checkpoint.manager(workdir, config.checkpoint)
   try:
     return checkpoint.restore(mngr, s.abstract_state)
@@ -76,7 +82,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_for_the_next_older(trained, tm
 
   # sample / eval / export read one item of weights: they skip step 6 (moving nothing) when
   # that item is damaged, and use it when the damage is elsewhere.
-  weights = state_lib.Weights(config, train.setup(config).mesh)
+  weights = state_lib.Weights(config, train.setup(config, ONE).mesh)
   params, step = weights.restore(workdir, use_ema=item == "ema")
   assert step == (4 if item in ("params", "ema") else 6)
   assert os.path.isdir(os.path.join(root, "6"))
@@ -85,7 +91,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_for_the_next_older(trained, tm
   assert int(restored["step"]) == 4 and position == 4
   assert sorted(os.listdir(root)) == ["2", "4", "6.damaged"]
   mngr = checkpoint.manager(original, config.checkpoint)
-  expected, _ = checkpoint.restore(mngr, train.setup(config).abstract_state, step=4)
+  expected, _ = checkpoint.restore(mngr, train.setup(config, ONE).abstract_state, step=4)
   mngr.close()
   for x, y in zip(jax.tree.leaves(jax.device_get(expected)), jax.tree.leaves(jax.device_get(restored))):
     np.testing.assert_array_equal(x, y)
@@ -103,7 +109,7 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(trained, tmp_pat
     os.remove(os.path.join(workdir, "checkpoints", step, "params", "_METADATA"))
   with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint under .* restores "
                                                        r"\(step 6: .*_METADATA is missing"):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, devices=ONE)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
       "2.damaged", "4.damaged", "6.damaged"]
 
@@ -117,10 +123,10 @@ def test_a_resume_that_changes_the_run_is_refused_before_anything_is_read(traine
   changed.training.num_steps = 8
   with pytest.raises(ValueError, match=r"training.batch_size: 16 -> 32.*"
                                        r"--allow_config_change=training.batch_size"):
-    train.train_and_evaluate(changed, workdir)
+    train.train_and_evaluate(changed, workdir, devices=ONE)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
   longer = config_6_steps(num_steps=8)   # a safe change: two more steps
-  assert int(train.train_and_evaluate(longer, workdir)["step"]) == 8
+  assert int(train.train_and_evaluate(longer, workdir, devices=ONE)["step"]) == 8
 
 
 def test_a_failed_save_names_the_step_the_newest_intact_checkpoint_and_the_size(tmp_path,
@@ -135,7 +141,7 @@ def test_a_failed_save_names_the_step_the_newest_intact_checkpoint_and_the_size(
                      match=r"saving checkpoint step 4 failed \(OSError: \[Errno 28\] No space left "
                            r"on device\); the newest intact checkpoint is step 2 under .*; a save "
                            r"writes about [\d.]+ MiB"):
-    train.train_and_evaluate(config_6_steps(), str(tmp_path))
+    train.train_and_evaluate(config_6_steps(), str(tmp_path), devices=ONE)
 
 
 def test_divergence_stops_naming_the_step_what_went_wrong_and_what_to_do(tmp_path, monkeypatch):
@@ -144,7 +150,7 @@ def test_divergence_stops_naming_the_step_what_went_wrong_and_what_to_do(tmp_pat
                      match=r"non-finite loss nan, gradient norm nan, first non-finite gradient: "
                            r"\['net'\].* at step 3; the newest checkpoint, step 2, holds the last "
                            r"good state.*training.on_nonfinite='rollback_skip'"):
-    train.train_and_evaluate(config_6_steps(log_every=1), str(tmp_path))
+    train.train_and_evaluate(config_6_steps(log_every=1), str(tmp_path), devices=ONE)
 
 
 def test_rollback_skip_is_reproducible(tmp_path, monkeypatch):
@@ -152,16 +158,16 @@ def test_rollback_skip_is_reproducible(tmp_path, monkeypatch):
   and end with the same parameters, having read 8 batches for 6 steps."""
   poison(monkeypatch, 4)
   config = config_6_steps(log_every=1, on_nonfinite="rollback_skip", max_rollbacks=1)
-  finals = [jax.device_get(train.train_and_evaluate(config, str(tmp_path / run)))
+  finals = [jax.device_get(train.train_and_evaluate(config, str(tmp_path / run), devices=ONE))
             for run in ("a", "b")]
   for x, y in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
     np.testing.assert_array_equal(x, y)
   assert int(finals[0]["step"]) == 6
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(finals[0]["params"]))
   mngr = checkpoint.manager(str(tmp_path / "a"), config.checkpoint)
-  _, position = checkpoint.restore(mngr, train.setup(config).abstract_state)
+  _, position = checkpoint.restore(mngr, train.setup(config, ONE).abstract_state)
   mngr.close()
   assert position == 8
   config.training.max_rollbacks = 0   # no rollback left: the same run stops
   with pytest.raises(actions.NonFiniteLossError, match="max_rollbacks=0 rollbacks are used up"):
-    train.train_and_evaluate(config, str(tmp_path / "c"))
+    train.train_and_evaluate(config, str(tmp_path / "c"), devices=ONE)

@@ -9,6 +9,9 @@ from configs import default
 from kdiff_jax import parallel
 from kdiff_jax.data import builtin
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("data")
+
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))
 
 

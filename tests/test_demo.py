@@ -8,10 +8,14 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from kdiff_jax import parallel, sampling, state
+
+# pytest-xdist runs the tests that share the digits demo on one worker.
+pytestmark = pytest.mark.xdist_group("digits_fm")
 
 
 def digit_classifier():

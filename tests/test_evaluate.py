@@ -9,6 +9,9 @@ import pytest
 from kdiff_jax import evaluate, images
 from kdiff_jax.models import inception
 
+# pytest-xdist runs the tests that share the digits demo on one worker.
+pytestmark = pytest.mark.xdist_group("digits_fm")
+
 torch = pytest.importorskip("torch")
 
 

@@ -9,6 +9,9 @@ import pytest
 from kdiff_jax import generation
 from tests.test_demo import digit_classifier
 
+# pytest-xdist runs the tests that share the digits demo on one worker.
+pytestmark = pytest.mark.xdist_group("digits_fm")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,13 +6,18 @@ the class they were conditioned on.
 """
 import pytest
 
-from tests.conftest import train_demo
+from configs import imm_digits
+from tests.conftest import once_per_run, train_demo
 from tests.test_demo import conditional_accuracy
+
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("imm_demo")
 
 
 @pytest.fixture(scope="session")
 def imm_digits_run(tmp_path_factory):
-  return train_demo("imm_digits", str(tmp_path_factory.mktemp("imm_digits")))
+  directory = once_per_run(tmp_path_factory, "imm_digits", lambda d: train_demo("imm_digits", d))
+  return imm_digits.get_config(), directory
 
 
 def test_imm_digits_samples_are_the_conditioned_digits(imm_digits_run):

@@ -20,6 +20,9 @@ from tests.test_data import TINY_EXAMPLES, sharding_for, tiny_tfds  # noqa: E402
 from tests.test_multihost import ROOT, free_port  # noqa: E402
 from tests.test_vae import nchw, nhwc, torch_vae  # noqa: E402
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("latents")
+
 # A tiny VAE with downsampling factor 2: 8x8 images -> 4x4x4 latents.
 TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
                 down_block_types=("DownEncoderBlock2D",) * 2,

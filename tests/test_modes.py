@@ -11,6 +11,9 @@ import pytest
 from kdiff_jax import checkpoint, train
 from tests.test_evaluate import random_inception  # noqa: F401 (a fixture)
 
+# pytest-xdist runs the tests that share the digits demo on one worker.
+pytestmark = pytest.mark.xdist_group("digits_fm")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

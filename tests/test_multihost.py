@@ -16,6 +16,9 @@ import pytest
 from configs import digits_fm
 from kdiff_jax import checkpoint, train
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("multihost")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, CHECKPOINT_EVERY = 12, 4
 OVERRIDES = {

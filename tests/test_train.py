@@ -6,6 +6,9 @@ import pytest
 from configs import default
 from kdiff_jax import actions, checkpoint, train
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("train")
+
 
 def tiny_config(**mesh):
   config = default.get_config()

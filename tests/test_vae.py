@@ -8,6 +8,9 @@ diffusers = pytest.importorskip("diffusers")
 from kdiff_jax import actions  # noqa: E402
 from kdiff_jax.models import vae  # noqa: E402
 
+# pytest-xdist runs the tests that share this module's fixtures on one worker.
+pytestmark = pytest.mark.xdist_group("vae")
+
 # A small AutoencoderKL: three blocks (factor 4), two resnets per block, 8 norm groups.
 SMALL = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
              latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
