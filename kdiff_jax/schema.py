@@ -57,6 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
   model.time_scale = 1000.0       # the time embedder sees time_scale * t
   model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
   model.remat = "none"            # none | full | dots
+  model.scan_blocks = False       # one lax.scan over stacked blocks: compile time independent of depth
   model.mlp_width = 256           # model.name = mlp: hidden width
   model.mlp_depth = 3             # model.name = mlp: residual blocks
 
@@ -159,6 +160,8 @@ def defaults() -> ml_collections.ConfigDict:
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.dcn_data = 1               # TPU slices the data axis spans (over DCN); 1 = one slice
+  mesh.replicated_limit = 1_000_000  # a parameter larger than this that fsdp > 1 cannot shard is an error
   mesh.rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),

@@ -17,6 +17,8 @@ from kdiff_jax.export import checkpoints, convert
 from kdiff_jax.models import dit, jit, torch_weights
 from kdiff_jax.objectives import imm
 
+# pytest-xdist runs the tests that share the digits demo on one worker.
+pytestmark = pytest.mark.xdist_group("digits_fm")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIT = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
            mlp_ratio=4.0, num_classes=10)
@@ -356,6 +358,7 @@ print(len(names), 'modules')
                                        "kdiff_jax.models", "kdiff_jax.export.checkpoints"]) + """
 import torch
 from kdiff_jax.export import torch_models
+
 model = torch_models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1,
                          num_heads=2, num_classes=10, second_time_embedder=True)
 x = torch_models.sample_imm(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 10]),

@@ -9,8 +9,13 @@ The Flax DiT and JiT keep the attribute names of facebookresearch/DiT `models.py
 
 torch's state_dict also holds the fixed sin-cos `pos_embed` [1, T, D] (DiT and JiT keep it as a
 frozen nn.Parameter; here it is the model's numpy constant `model.pos_embed()` [T, D]).
+A model with model.scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of shape
+[depth, ...]); `per_block` and `stacked` convert to and from the per-block layout
+(blocks/3/attn/qkv/kernel) that torch names, so both layouts give the same state_dict.
 Both directions are exact (transposes only): Flax -> torch -> Flax gives the same bits.
 """
+import types
+
 import numpy as np
 from flax import traverse_util
 
@@ -35,13 +40,38 @@ def _permutation(path, ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim))
 
 
+def _is_stacked(net_params) -> bool:
+  blocks = net_params.get("blocks")
+  return isinstance(blocks, dict) and not all(isinstance(key, int) for key in blocks)
+
+
+def per_block(net_params, take=lambda value, i: value[i]):
+  """Net params with stacked blocks ([depth, ...] leaves) in the per-block layout {i: ...};
+  take(leaf, i) picks block i of a leaf."""
+  if not _is_stacked(net_params):
+    return net_params
+  flat = traverse_util.flatten_dict(net_params["blocks"])
+  depth = next(iter(flat.values())).shape[0]
+  return {**net_params, "blocks": {i: traverse_util.unflatten_dict(
+      {path: take(value, i) for path, value in flat.items()}) for i in range(depth)}}
+
+
+def stacked(net_params):
+  """The inverse of `per_block`: per-block params {i: ...} with the blocks stacked."""
+  flats = [traverse_util.flatten_dict(net_params["blocks"][i])
+           for i in range(len(net_params["blocks"]))]
+  return {**net_params, "blocks": traverse_util.unflatten_dict(
+      {path: np.stack([flat[path] for flat in flats]) for path in flats[0]})}
+
+
 def to_torch(net_params, pos_embed) -> dict[str, np.ndarray]:
-  """The torch state_dict (name -> new C-contiguous float32 array) of Flax net params (a pure dict).
+  """The torch state_dict (name -> new C-contiguous float32 array) of Flax net params (a pure dict,
+  blocks per block or stacked).
 
   pos_embed: the model's fixed [T, D] position embedding (`model.pos_embed()`).
   """
   state = {}
-  for path, value in traverse_util.flatten_dict(net_params).items():
+  for path, value in traverse_util.flatten_dict(per_block(net_params)).items():
     value = np.asarray(value, np.float32)
     state[dit.torch_name(path)] = np.array(value.transpose(_permutation(path, value.ndim)),
                                            order="C")
@@ -63,12 +93,17 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
   """Flax net params (a pure dict of float32 arrays) from a torch DiT / JiT state_dict.
 
   state_dict: name -> array (numpy, or CPU torch tensors from `state_dict()`); abstract_net:
-  the pure dict of the target model's parameters (arrays or ShapeDtypeStructs), whose shapes are
-  checked; pos_embed: the target's fixed [T, D] embedding, which the state_dict's must equal.
+  the pure dict of the target model's parameters (arrays or ShapeDtypeStructs; blocks per block
+  or stacked, and the result has the same layout), whose shapes are checked; pos_embed: the
+  target's fixed [T, D] embedding, which the state_dict's must equal.
   A learn_sigma=True DiT checkpoint (2C output channels, e.g. the released DiT-XL/2) raises
   unless drop_learned_sigma=True, which keeps the first C channels (the ε mean).
   """
   state = {name: np.asarray(value) for name, value in state_dict.items()}
+  if _is_stacked(abstract_net):
+    one_block = lambda leaf, i: types.SimpleNamespace(shape=leaf.shape[1:])  # shapes only
+    return stacked(from_torch(state, per_block(abstract_net, take=one_block), pos_embed,
+                              drop_learned_sigma=drop_learned_sigma))
   abstract = traverse_util.flatten_dict(abstract_net)
   names = {dit.torch_name(path): path for path in abstract}
   missing = sorted(set(names) - set(state))

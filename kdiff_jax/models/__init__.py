@@ -28,6 +28,7 @@ RULES = {
     "model.time_scale": number(0, low_open=True),
     "model.compute_dtype": one_of(*COMPUTE_DTYPES),
     "model.remat": one_of(*layers.REMAT_POLICIES),
+    "model.scan_blocks": boolean(),
     "model.mlp_width": number(1, integer=True),
     "model.mlp_depth": number(0, integer=True),
 }

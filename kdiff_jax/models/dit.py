@@ -85,8 +85,8 @@ class FinalLayer(nnx.Module):
 
 
 def set_backbone_attributes(module, *, input_size, in_channels, patch_size, hidden_size,
-                            num_heads, num_classes, time_scale, dtype, remat):
-  """The geometry, dtype and remat attributes that DiT and JiT share, checked."""
+                            num_heads, num_classes, time_scale, dtype, remat, scan_blocks):
+  """The geometry, dtype, remat and scan attributes that DiT and JiT share, checked."""
   if input_size % patch_size:
     raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
   module.input_size = input_size
@@ -100,6 +100,7 @@ def set_backbone_attributes(module, *, input_size, in_channels, patch_size, hidd
   module.dtype = jnp.dtype(dtype)
   module.remat = remat
   module._use_remat, module._remat_policy = layers.remat_policy(remat, "remat")
+  module.scan_blocks = scan_blocks
   module.grid_size = input_size // patch_size
 
 
@@ -109,20 +110,20 @@ class DiT(nnx.Module):
   def __init__(self, *, input_size: int, in_channels: int, patch_size: int, hidden_size: int,
                depth: int, num_heads: int, mlp_ratio: float, num_classes: int,
                second_time_embedder: bool, time_scale: float = 1000.0, dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", scan_blocks: bool = False, rngs: nnx.Rngs):
     set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
                             patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads,
                             num_classes=num_classes, time_scale=time_scale, dtype=dtype,
-                            remat=remat)
+                            remat=remat, scan_blocks=scan_blocks)
     self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
                                         rngs=rngs)
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)
     self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
     self.s_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
                        if second_time_embedder else None)
-    self.blocks = nnx.List([
-        DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(depth)
-    ])
+    self.blocks = layers.blocks(
+        lambda rngs: DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, rngs=rngs), depth,
+        rngs, scan=scan_blocks)
     self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
                                   rngs=rngs)
 
@@ -152,11 +153,7 @@ class DiT(nnx.Module):
     c = self.conditioning(t, y, s)
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
-    for block in self.blocks:
-      if self._use_remat:
-        x = layers.checkpointed_call(block, self._remat_policy, x, c)
-      else:
-        x = block(x, c)
+    x = layers.run_blocks(self.blocks, x, c, policy=self._remat_policy, use_remat=self._use_remat)
     x = self.final_layer(x, c)
     x = layers.unpatchify(x, self.patch_size, self.out_channels)
     return x.astype(jnp.float32)
@@ -191,4 +188,4 @@ def dit_from_config(config, dtype, rngs: nnx.Rngs) -> DiT:
              patch_size=model.patch_size, hidden_size=hidden_size, depth=depth,
              num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
              second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
-             dtype=dtype, remat=model.remat, rngs=rngs)
+             dtype=dtype, remat=model.remat, scan_blocks=model.scan_blocks, rngs=rngs)

@@ -70,13 +70,14 @@ class JiT(nnx.Module):
                depth: int, num_heads: int, mlp_ratio: float, num_classes: int,
                bottleneck_dim: int, in_context_len: int, in_context_start: int,
                time_scale: float = 1.0, dtype=jnp.float32, remat: str = "none",
-               rngs: nnx.Rngs):
+               scan_blocks: bool = False, rngs: nnx.Rngs):
     if in_context_len and not 0 <= in_context_start < depth:
       raise ValueError(f"in_context_start={in_context_start} must be a block index < {depth}")
     dit.set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
                                 patch_size=patch_size, hidden_size=hidden_size,
                                 num_heads=num_heads, num_classes=num_classes,
-                                time_scale=time_scale, dtype=dtype, remat=remat)
+                                time_scale=time_scale, dtype=dtype, remat=remat,
+                                scan_blocks=scan_blocks)
     self.in_context_len = in_context_len
     self.in_context_start = in_context_start
 
@@ -88,10 +89,11 @@ class JiT(nnx.Module):
       self.in_context_posemb = nnx.Param(layers.partitioned(
           nnx.initializers.normal(0.02), (None, None, "embed"))(
               rngs.params(), (1, in_context_len, hidden_size), jnp.float32))
-    self.blocks = nnx.List([
-        dit.DiTBlock(hidden_size, num_heads, mlp_ratio, norm=layers.rms_norm, mlp=layers.SwiGLU,
-                     qk_norm=True, dtype=dtype, rngs=rngs) for _ in range(depth)
-    ])
+    self.blocks = layers.blocks(
+        lambda rngs: dit.DiTBlock(hidden_size, num_heads, mlp_ratio, norm=layers.rms_norm,
+                                  mlp=layers.SwiGLU, qk_norm=True, dtype=dtype, rngs=rngs),
+        depth, rngs, scan=scan_blocks)
+    self.depth = depth
     self.final_layer = dit.FinalLayer(hidden_size, patch_size, self.out_channels,
                                       norm=layers.rms_norm, dtype=dtype, rngs=rngs)
 
@@ -111,15 +113,14 @@ class JiT(nnx.Module):
     c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + label_embedding
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
-    for i, block in enumerate(self.blocks):
-      if self.in_context_len and i == self.in_context_start:
-        tokens = label_embedding[:, None, :] + self.in_context_posemb[...]
-        x = jnp.concatenate([tokens.astype(x.dtype), x], axis=1)
-      rope = self.rope(with_class_tokens=bool(self.in_context_len) and i >= self.in_context_start)
-      if self._use_remat:
-        x = layers.checkpointed_call(block, self._remat_policy, x, c, rope)
-      else:
-        x = block(x, c, rope)
+    # Blocks before in_context_start see the image tokens, the rest the class tokens too.
+    start = self.in_context_start if self.in_context_len else self.depth
+    remat = dict(policy=self._remat_policy, use_remat=self._use_remat)
+    x = layers.run_blocks(self.blocks, x, c, self.rope(False), stop=start, **remat)
+    if self.in_context_len:
+      tokens = label_embedding[:, None, :] + self.in_context_posemb[...]
+      x = jnp.concatenate([tokens.astype(x.dtype), x], axis=1)
+      x = layers.run_blocks(self.blocks, x, c, self.rope(True), start=start, **remat)
     x = self.final_layer(x[:, self.in_context_len:], c)
     x = layers.unpatchify(x, self.patch_size, self.out_channels)
     return x.astype(jnp.float32)
@@ -137,4 +138,4 @@ def jit_from_config(config, dtype, rngs: nnx.Rngs) -> JiT:
              num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
              bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
              in_context_start=in_context_start, time_scale=model.time_scale, dtype=dtype,
-             remat=model.remat, rngs=rngs)
+             remat=model.remat, scan_blocks=model.scan_blocks, rngs=rngs)

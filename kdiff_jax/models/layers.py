@@ -307,6 +307,42 @@ def remat_policy(name: str, field: str = "model.remat"):
   raise ValueError(f"{field}={name!r}: allowed values are {list(REMAT_POLICIES)}")
 
 
+def blocks(make_block, depth: int, rngs: nnx.Rngs, *, scan: bool):
+  """`depth` blocks make_block(rngs): an nnx.List (paths blocks/0/..., blocks/1/...), or with
+  scan=True one module whose parameters carry a leading axis of size depth named 'layers'
+  (nnx.vmap), which `run_blocks` runs with one jax.lax.scan, so compile time does not grow
+  with depth."""
+  if not scan:
+    return nnx.List([make_block(rngs) for _ in range(depth)])
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def stacked(rngs):
+    return make_block(rngs)
+
+  return stacked(rngs)
+
+
+def run_blocks(stack, x, *args, policy=None, use_remat=False, start=0, stop=None):
+  """x through blocks start..stop-1 of `blocks(...)`: block(x, *args) in order, each under
+  jax.checkpoint(policy) when use_remat. A stacked module runs as one jax.lax.scan over its
+  leading axis (the blocks' parameters split once, merged per step: no graph mutation inside
+  the scan)."""
+  if isinstance(stack, nnx.List):
+    for block in list(stack)[start:stop]:
+      x = checkpointed_call(block, policy, x, *args) if use_remat else block(x, *args)
+    return x
+  graphdef, params = nnx.split(stack)
+  params = jax.tree.map(lambda p: p[start:stop], params)
+
+  def step(x, block_params):
+    return nnx.merge(graphdef, block_params)(x, *args), None
+
+  if use_remat:
+    step = jax.checkpoint(step, policy=policy)
+  return jax.lax.scan(step, x, params)[0]
+
+
 def checkpointed_call(module: nnx.Module, policy, *args):
   """module(*args) under jax.checkpoint(policy): split -> pure function of (state, args) -> merge.
 
