@@ -1,13 +1,20 @@
 """Device mesh, logical-axis rules and shardings, multi-host start-up.
 
-One mesh with named axes ('data', 'fsdp', 'tensor'). Parameters carry logical axis names
-(models annotate them with nnx.with_partitioning); `config.mesh.rules` maps each logical name
-to mesh axes, e.g. ('embed', 'fsdp'). A dimension whose size does not divide by its mesh axes
-is replicated instead (tiny models on big meshes), so any model runs on any mesh. The batch
-(the leading dim of every input) is split over the axes the rule 'batch' names; `check_batch`
-is the one check that a global batch splits evenly over them, the processes and the objective's
-particle groups.
+One mesh with named axes ('data', 'fsdp', 'tensor'), laid out on the hardware by JAX
+(`jax.make_mesh`: TPU devices in the physical order of the ICI torus); with mesh.dcn_data > 1
+slices the data axis runs across that many TPU slices over the data-centre network
+(`mesh_utils.create_hybrid_device_mesh`; MaxText's dcn_data_parallelism). Parameters carry
+logical axis names (models annotate them with nnx.with_partitioning); `config.mesh.rules` maps
+each logical name to mesh axes, e.g. ('embed', 'fsdp'). A mesh axis whose dimension does not
+divide goes to another dimension of the same array that does (DiT-XL's width 1152 does not
+divide 256, its MLP's 4608 does), and a dimension nothing divides is replicated (tiny models
+on big meshes). A parameter of more than mesh.replicated_limit elements that stays replicated on a
+mesh with fsdp > 1 stops the run, naming it (`check_replicated`). The batch (the leading dim of
+every input) is split over the axes the rule 'batch' names; `check_batch` is the one check that
+a global batch splits evenly over them, the processes and the objective's particle groups.
 """
+import contextlib
+import contextvars
 import math
 import os
 
@@ -38,6 +45,8 @@ RULES = {
     "mesh.data": number(-1, integer=True, note="-1 = the remaining devices; not 0"),
     "mesh.fsdp": number(-1, integer=True, note="-1 = the remaining devices; not 0"),
     "mesh.tensor": number(-1, integer=True, note="-1 = the remaining devices; not 0"),
+    "mesh.dcn_data": number(1, integer=True, note="TPU slices the data axis spans"),
+    "mesh.replicated_limit": number(0, integer=True),
     "mesh.rules": Rule(_is_rules, f"a tuple of (logical name, mesh axes) pairs, the axes None, "
                                   f"one of {list(MESH_AXES)} or a tuple of them"),
 }
@@ -87,13 +96,20 @@ def mesh_shape(mesh_config, num_devices: int) -> dict:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """The mesh of config.mesh on `devices` (default: all), in the hardware's own order."""
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if devices == jax.devices():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  slices = mesh_config.dcn_data
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if sizes["data"] % slices:
+    raise ValueError(f"mesh.data={sizes['data']} must be a multiple of mesh.dcn_data={slices}")
+  from jax.experimental import mesh_utils
+  per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_dict(rules) -> dict:
@@ -101,8 +117,13 @@ def rules_dict(rules) -> dict:
 
 
 def logical_to_spec(logical: P, shape, mesh: jax.sharding.Mesh, rules: dict) -> P:
-  """Map a PartitionSpec of logical names to mesh axes; replicate dims that do not divide."""
-  spec, used = [], set()
+  """Map a PartitionSpec of logical names to mesh axes.
+
+  A dim takes the mesh axes its name's rule gives when its size divides by them. A mesh axis
+  that no dim could take that way then goes to the largest dim still unsharded that divides by
+  it (an FSDP axis shards a weight along any dim); dims nothing divides stay replicated.
+  """
+  spec, used, unplaced = [], set(), []
   for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
     axes = _axes_tuple(rules.get(name)) if name is not None else ()
     axes = tuple(axis for axis in axes if axis not in used and mesh.shape[axis] > 1)
@@ -111,6 +132,12 @@ def logical_to_spec(logical: P, shape, mesh: jax.sharding.Mesh, rules: dict) -> 
       used.update(axes)
     else:
       spec.append(None)
+      unplaced.extend(axis for axis in axes if axis not in unplaced)
+  for axis in unplaced:
+    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % mesh.shape[axis] == 0]
+    if axis not in used and mesh.shape[axis] > 1 and free:
+      spec[max(free, key=lambda i: shape[i])] = axis
+      used.add(axis)
   return P(*spec)
 
 
@@ -122,9 +149,61 @@ def tree_shardings(abstract_tree, logical_tree, mesh, rules):
       abstract_tree, logical_tree, is_leaf=lambda x: isinstance(x, P))
 
 
+def replicated_arrays(abstract_tree, shardings) -> list:
+  """(path, shape, elements) of every array that no mesh axis shards, largest first."""
+  found = []
+  for (path, array), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                                     jax.tree.leaves(shardings)):
+    if all(axes is None for axes in sharding.spec):
+      found.append((jax.tree_util.keystr(path), tuple(array.shape), math.prod(array.shape)))
+  return sorted(found, key=lambda entry: -entry[2])
+
+
+def check_replicated(abstract_tree, shardings, mesh, limit: int) -> None:
+  """On a mesh with fsdp > 1, no array of more than `limit` elements may stay replicated."""
+  if mesh.shape["fsdp"] <= 1:
+    return
+  large = [entry for entry in replicated_arrays(abstract_tree, shardings) if entry[2] > limit]
+  if large:
+    listed = ", ".join(f"{path} {list(shape)}" for path, shape, _ in large[:5])
+    raise ValueError(
+        f"{len(large)} parameters of more than mesh.replicated_limit={limit} elements would be "
+        f"replicated on every device of the fsdp={mesh.shape['fsdp']} mesh: no dim divides by "
+        f"it ({listed}). Split the mesh (e.g. mesh.data=2 with mesh.fsdp half as large), or "
+        "raise mesh.replicated_limit to accept the copies")
+
+
 def batch_axes(rules) -> tuple:
   """The mesh axes the leading (batch) dim is split over: the rule 'batch' (default data, fsdp)."""
   return _axes_tuple(rules_dict(rules).get("batch", DEFAULT_BATCH_AXES))
+
+
+_BATCH_AXES = contextvars.ContextVar("batch_axes", default=None)
+
+
+@contextlib.contextmanager
+def activations_on(mesh, rules):
+  """Inside (while tracing): `constrain_batch` shards activations over the batch axes of mesh."""
+  token = _BATCH_AXES.set(batch_axes(rules))
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _BATCH_AXES.reset(token)
+
+
+def constrain_batch(x):
+  """x with its leading (batch) dim split over the batch axes, inside `activations_on` and when
+  it divides; else x. A lax.scan's carry needs it: without it XLA shards the scanned blocks'
+  weights and all-gathers whole activations across the batch axes instead (seen in the TPU
+  compile of DiT with model.scan_blocks)."""
+  axes = _BATCH_AXES.get()
+  if axes is None:
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  if x.shape[0] % math.prod(mesh.shape[axis] for axis in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

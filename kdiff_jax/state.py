@@ -70,13 +70,20 @@ class Weights:
   def __init__(self, config, mesh, model: Model | None = None):
     self.config = config
     self.mesh = mesh
-    self.model = model or build_model(config)
+    model = model or build_model(config)
+
+    def apply(*args, **kwargs):
+      with parallel.activations_on(mesh, config.mesh.rules):
+        return model.apply(*args, **kwargs)
+
+    self.model = dataclasses.replace(model, apply=apply)
     self.objective = objectives.build(config, self.model.apply)
     self.abstract = {"net": self.model.abstract_net,
                      **jax.eval_shape(lambda: self.objective.extra_params)}
     logical = {"net": self.model.logical_net,
                **jax.tree.map(lambda _: P(), self.objective.extra_params)}
     self.shardings = parallel.tree_shardings(self.abstract, logical, mesh, config.mesh.rules)
+    parallel.check_replicated(self.abstract, self.shardings, mesh, config.mesh.replicated_limit)
 
   def initial(self):
     """The initial parameters, created directly in their shardings."""

@@ -310,7 +310,7 @@ def test_logical_axis_names():
     assert len(mesh_axes) == len(set(mesh_axes)), (path, spec)  # no mesh axis used twice
   expected = {
       ("x_embedder", "proj", "kernel"): (None, None, None, "embed"),
-      ("t_embedder", "mlp", 0, "kernel"): (None, "mlp"),
+      ("t_embedder", "mlp", 0, "kernel"): (None, "embed"),
       ("t_embedder", "mlp", 2, "kernel"): ("mlp", "embed"),
       ("s_embedder", "mlp", 2, "kernel"): ("mlp", "embed"),
       ("y_embedder", "embedding_table", "embedding"): ("classes", "embed"),
@@ -401,3 +401,22 @@ def test_build_from_config():
     setattr(bad.model, field, value)
     with pytest.raises(ValueError, match=message):
       config_lib.validate(bad)
+
+
+# --- cost -------------------------------------------------------------------------------------
+
+def test_forward_macs_is_the_papers_and_xlas():
+  """DiT-XL/2 at 32x32x4: 118.6 GMACs (Peebles & Xie, Table 4); a tiny DiT: 2 x MACs within 5%
+  of XLA's FLOP count of the compiled forward (which adds the elementwise ops)."""
+  xl = dit.forward_macs(input_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28)
+  assert xl / 1e9 == pytest.approx(118.6, abs=0.05)
+  model = _tiny()
+  graphdef, state = nnx.split(model)
+  x, t, y, _ = _inputs(batch=4)
+  compiled = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args)).lower(
+      state, x, t, y).compile()
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  macs = dit.forward_macs(**{k: TINY[k] for k in ("input_size", "in_channels", "patch_size",
+                                                 "hidden_size", "depth", "mlp_ratio")})
+  assert flops / 4 == pytest.approx(2 * macs, rel=0.05)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdiff_jax import parallel
 from kdiff_jax.models import layers
 
 # name -> (depth, hidden_size, num_heads). T and XS are tiny sizes for CPU tests and demos.
@@ -150,7 +151,7 @@ class DiT(nnx.Module):
     return c
 
   def __call__(self, x, t, y, s=None):
-    c = self.conditioning(t, y, s)
+    c = parallel.constrain_batch(self.conditioning(t, y, s))
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
     x = layers.run_blocks(self.blocks, x, c, policy=self._remat_policy, use_remat=self._use_remat)
@@ -189,3 +190,22 @@ def dit_from_config(config, dtype, rngs: nnx.Rngs) -> DiT:
              num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
              second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
              dtype=dtype, remat=model.remat, scan_blocks=model.scan_blocks, rngs=rngs)
+
+
+def forward_macs(*, input_size: int, in_channels: int, patch_size: int, hidden_size: int,
+                 depth: int, mlp_ratio: float = 4.0, second_time_embedder: bool = False) -> int:
+  """Multiply-accumulates of one image's forward pass through DiT (matmuls only; attention
+  included), the count of Peebles & Xie 2023, Table 4 (DiT-XL/2 at 32x32x4: 118.6 G).
+
+  With T = (input_size / p)^2 tokens, D = hidden_size, r = mlp_ratio, per block:
+    T·(3D² + D²)  qkv and out projections,   2·T²·D  QKᵀ and attention·V,
+    T·2rD²        the MLP,                   6D²     adaLN's modulation (once per image);
+  and around them: the patch embedding T·p²C·D, the final layer T·D·p²C + 2D², each time
+  embedder 256·D + D². Training costs 3 forward passes' worth (forward + backward: 2 FLOPs
+  per MAC each), so FLOPs per image = 6·MACs; IMM adds a forward target pass, 2·MACs.
+  """
+  tokens, d = (input_size // patch_size) ** 2, hidden_size
+  patch = patch_size * patch_size * in_channels
+  block = tokens * 4 * d * d + 2 * tokens * tokens * d + tokens * 2 * mlp_ratio * d * d + 6 * d * d
+  embedders = (2 if second_time_embedder else 1) * (layers.FREQUENCY_EMBEDDING_SIZE * d + d * d)
+  return int(depth * block + tokens * patch * d + tokens * d * patch + 2 * d * d + embedders)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from kdiff_jax import parallel
 from kdiff_jax.models import dit, layers
 
 # name -> (depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start).
@@ -110,7 +111,8 @@ class JiT(nnx.Module):
     if s is not None:
       raise ValueError("JiT has no second time embedder: s must be None")
     label_embedding = self.y_embedder(y)
-    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + label_embedding
+    c = parallel.constrain_batch(
+        self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + label_embedding)
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
     # Blocks before in_context_start see the image tokens, the rest the class tokens too.

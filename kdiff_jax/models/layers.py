@@ -27,6 +27,8 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from kdiff_jax import parallel
+
 FREQUENCY_EMBEDDING_SIZE = 256
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -133,7 +135,8 @@ class TimestepEmbedder(nnx.Module):
     self.frequency_embedding_size = frequency_embedding_size
     normal = nnx.initializers.normal(0.02)
     self.mlp = nnx.List([
-        linear(frequency_embedding_size, hidden_size, (None, "mlp"), kernel_init=normal, rngs=rngs),
+        linear(frequency_embedding_size, hidden_size, (None, "embed"), kernel_init=normal,
+               rngs=rngs),
         jax.nn.silu,
         linear(hidden_size, hidden_size, ("mlp", "embed"), kernel_init=normal, rngs=rngs),
     ])
@@ -327,16 +330,17 @@ def run_blocks(stack, x, *args, policy=None, use_remat=False, start=0, stop=None
   """x through blocks start..stop-1 of `blocks(...)`: block(x, *args) in order, each under
   jax.checkpoint(policy) when use_remat. A stacked module runs as one jax.lax.scan over its
   leading axis (the blocks' parameters split once, merged per step: no graph mutation inside
-  the scan)."""
+  the scan). Between blocks the activations stay batch-sharded (`parallel.constrain_batch`)."""
   if isinstance(stack, nnx.List):
     for block in list(stack)[start:stop]:
       x = checkpointed_call(block, policy, x, *args) if use_remat else block(x, *args)
+      x = parallel.constrain_batch(x)
     return x
   graphdef, params = nnx.split(stack)
   params = jax.tree.map(lambda p: p[start:stop], params)
 
   def step(x, block_params):
-    return nnx.merge(graphdef, block_params)(x, *args), None
+    return parallel.constrain_batch(nnx.merge(graphdef, block_params)(x, *args)), None
 
   if use_remat:
     step = jax.checkpoint(step, policy=policy)
