@@ -55,9 +55,10 @@ def spec(device_kind: str) -> Spec | None:
   return SPECS.get(device_kind)
 
 
-def tpu_slice(topology: str, num_slices: int = 1):
-  """The deviceless TopologyDescription of a slice such as 'v5p:4x4x4' (or num_slices of them),
-  one device per chip, hosts of the generation's chips per host (needs libtpu; no TPU)."""
+def tpu_slice(topology: str, num_slices: int = 1, host_bounds: tuple | None = None):
+  """The deviceless TopologyDescription of a slice such as 'v5p:4x4x4' (or num_slices of them):
+  one device per chip; hosts of 2x2x1 chips (a TPU VM's 4) unless host_bounds says otherwise.
+  Needs libtpu, no TPU."""
   from jax.experimental import topologies
   generation, _, shape = topology.partition(":")
   if generation not in GENERATIONS or not shape:
@@ -66,7 +67,7 @@ def tpu_slice(topology: str, num_slices: int = 1):
   chip = SPECS[GENERATIONS[generation]]
   dims = [int(d) for d in shape.split("x")]
   dims += [1] * (3 - len(dims))
-  host = (2, 2, 1) if dims[0] * dims[1] * dims[2] >= 4 else tuple(dims)
+  host = host_bounds or ((2, 2, 1) if dims[0] * dims[1] >= 4 else tuple(dims))
   return topologies.get_topology_desc(
       topology_name=topology, platform="tpu", chip_config_name=chip.chip_config,
       chips_per_host_bounds=host, num_slices=num_slices)

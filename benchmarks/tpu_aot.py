@@ -1,0 +1,164 @@
+"""Compile a config's train step and sampler for real TPU slices, without a TPU, and show what fits.
+
+  pip install -r requirements-tpu.txt          # libtpu: the TPU compiler (no TPU needed)
+  JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py --config=configs/imm_in256.py \
+      --topologies=v4:2x2x4,v5p:4x4x4,v5e:16x16 --variants=plain,remat,scan,remat+scan
+  ... --config.mesh.data=2 --config.mesh.fsdp=128   # any config field, as for main.py
+  ... --largest_batch                              # also bisect the largest global batch that fits
+
+For each topology (hardware.tpu_slice: one jax device per chip, as a TPU VM runs it) and variant
+(model.remat = dots for 'remat', model.scan_blocks for 'scan'), the train step of train.py is
+lowered with the run's abstract state and batch and compiled by libtpu's XLA for that slice, and
+so is the FID / sample-grid sampler (sampling.build, batch-sharded, eval.batch_size). Printed, per
+chip: HBM of arguments, outputs, temporaries and their total (outputs aliased to donated
+arguments counted once) against the chip's HBM; XLA's FLOPs; the collectives in the compiled HLO
+(kind, static count, bytes of their results; an op inside the scan's loop body runs once per
+block); compile time. Estimates, labelled as such: FLOPs / datasheet peak (the step's floor at
+100% MFU) and collective bytes / ICI bandwidth. XLA's own `optimal_seconds` is printed as is: it
+is not a usable step time (it comes out negative on some slices). XLA's cost analysis counts
+a while loop's body once, so with scan the FLOPs (and the estimate from them) are per block
+pass, not per step: read FLOPs from a plain variant. The largest arrays that no mesh axis
+shards close the table.
+
+A slice whose compile exceeds its HBM is reported with the compiler's own figure and the memory
+it asked for; --largest_batch then searches multiples of the batch unit (batch shards x group
+size) by doubling and bisection, at most --bisect_compiles compiles, and prints the bracket.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the suite's CPU backend; topologies need no TPU
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from kdiff_jax import aot, hardware, parallel  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Experiment config (overrides as for main.py).")
+flags.DEFINE_list("topologies", ["v5p:4x4x4"], "TPU slices, <generation>:<shape>.")
+flags.DEFINE_list("variants", ["plain"], "plain | remat | scan | remat+scan.")
+flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (sets mesh.dcn_data).")
+flags.DEFINE_bool("sampler", True, "Also compile the batch-sharded sampler (eval.batch_size).")
+flags.DEFINE_bool("largest_batch", False, "Bisect the largest global batch that fits.")
+flags.DEFINE_integer("bisect_compiles", 4, "At most this many compiles per bisection.")
+FLAGS = flags.FLAGS
+
+def variant_config(config, variant: str, batch_size: int | None = None):
+  config = config.copy_and_resolve_references()
+  config.data.name = "synthetic"   # same shapes; nothing is read
+  parts = set(variant.split("+")) - {"plain"}
+  if parts - {"remat", "scan"}:
+    raise ValueError(f"--variants: {variant!r}; allowed plain, remat, scan, remat+scan")
+  if "remat" in parts:
+    config.model.remat = "dots"
+  if "scan" in parts:
+    config.model.scan_blocks = True
+  if batch_size:
+    config.training.batch_size = batch_size
+  config.mesh.dcn_data = FLAGS.num_slices
+  return config
+
+
+def largest_batch(config, variant, devices, unit, known_fit, known_fail):
+  """(largest batch seen to fit, smallest seen not to) from doubling, then bisection."""
+  fits, fails = known_fit, known_fail
+  for _ in range(FLAGS.bisect_compiles):
+    if fails is None:
+      trial = 2 * fits
+    elif fits is None:
+      trial = max(unit, fails // 2 // unit * unit)
+    else:
+      trial = (fits + fails) // 2 // unit * unit
+      if trial <= fits:
+        break
+    if trial == fails:
+      break
+    ok = aot.compile_train_step(variant_config(config, variant, trial), devices)[1].ok
+    print(f"    bisect: batch {trial} {'fits' if ok else 'does not fit'}", flush=True)
+    fits, fails = (trial, fails) if ok else (fits, trial)
+    if fits is None and trial == unit:
+      break
+  return fits, fails
+
+
+def _gb(nbytes: float) -> str:
+  return f"{nbytes / 1e9:.2f}"
+
+
+def report(topology, variant, s, chip, compiled: aot.Compiled, what: str, batch: int) -> str:
+  """One Markdown table row."""
+  mesh = " ".join(f"{a}{n}" for a, n in s.mesh.shape.items() if n > 1) or "1"
+  devices = s.mesh.devices.flatten()
+  hosts = len({d.process_index for d in devices})
+  hbm = chip.hbm_bytes
+  if not compiled.ok:
+    return (f"| {topology} | {len(devices)}/{hosts} | {mesh} | {variant} | {what} | {batch} | "
+            f"{batch / len(devices):g} | - | - | - | {compiled.error} | {_gb(hbm)} | no | - | - | "
+            f"- | {compiled.seconds:.0f} |")
+  floor = compiled.flops / chip.bf16_flops
+  kinds = ", ".join(f"{k} {n}x {v / 1e9:.2f}GB" for k, (n, v, _) in
+                    sorted(compiled.collectives.items())) or "none"
+  comm = sum(v for _, v, _ in compiled.collectives.values())
+  comm_time = f"{comm / chip.ici_bytes_per_second * 1e3:.0f}" if chip.ici_bytes_per_second else "-"
+  return (f"| {topology} | {len(devices)}/{hosts} | {mesh} | {variant} | {what} | {batch} | "
+          f"{batch / len(devices):g} | {_gb(compiled.args)} | {_gb(compiled.outputs)} | "
+          f"{_gb(compiled.temps)} | {_gb(compiled.total)} | {_gb(hbm)} | "
+          f"{'yes' if compiled.total <= hbm else 'NO'} | {compiled.flops / 1e12:.2f} | "
+          f"{floor * 1e3:.0f} / {comm_time} / {compiled.optimal_seconds * 1e3:.0f} | {kinds} | "
+          f"{compiled.seconds:.0f} |")
+
+
+HEADER = ("| slice | chips/hosts | mesh | variant | program | global batch | per chip | "
+          "args GB | outputs GB | temps GB | total GB | HBM GB | fits | TFLOP/chip | "
+          "est. ms: FLOPs at peak / collectives at ICI / XLA optimal_seconds | "
+          "collectives (static count, result bytes per chip) | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  print(f"config: model {config.model.name} {config.model.size}/{config.model.patch_size}, "
+        f"objective {config.objective.name}, {config.model.compute_dtype}, global batch "
+        f"{config.training.batch_size}, mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
+        f"tensor={config.mesh.tensor}; jax {jax.__version__}; compiled by libtpu, no TPU attached")
+  print(HEADER, flush=True)
+  notes = []
+  for topology in FLAGS.topologies:
+    generation = hardware.GENERATIONS[topology.partition(":")[0]]
+    chip = hardware.SPECS[generation]
+    devices = hardware.tpu_slice(topology, FLAGS.num_slices).devices
+    notes.append(f"{topology}: {chip.name}, {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 and "
+                 f"{_gb(chip.hbm_bytes)} GB HBM per chip (datasheet, kdiff_jax/hardware.py)")
+    for variant in FLAGS.variants:
+      vconfig = variant_config(config, variant)
+      s, step = aot.compile_train_step(vconfig, devices)
+      print(report(topology, variant, s, chip, step, "train step", vconfig.training.batch_size),
+            flush=True)
+      if FLAGS.sampler:
+        print(report(topology, variant, s, chip, aot.compile_sampler(s), "sampler",
+                     vconfig.eval.batch_size), flush=True)
+      if variant == FLAGS.variants[0]:
+        largest = parallel.replicated_arrays(s.abstract_state["params"],
+                                             s.state_shardings["params"])[:3]
+        notes.append(f"{topology}: largest replicated parameters: " + (", ".join(
+            f"{path} {list(shape)} ({n:,})" for path, shape, n in largest) or "none"))
+      if FLAGS.largest_batch:
+        unit = aot.batch_unit(s)
+        batch = vconfig.training.batch_size
+        fits, fails = largest_batch(config, variant, devices, unit,
+                                    batch if step.ok else None, None if step.ok else batch)
+        notes.append(f"{topology} {variant}: largest global batch that fits: "
+                     f"{fits if fits else 'none tried fits'}"
+                     f"{f' (does not fit at {fails})' if fails else ' (upper end not reached)'}; "
+                     f"unit {unit}")
+  print()
+  for note in notes:
+    print(note)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
