@@ -71,8 +71,12 @@ def get_config():
   config.sampling.guidance_scale = 1.5
 
   # FSDP over every device (parameters, Adam moments and EMA sharded; the batch splits over
-  # data x fsdp either way). On a large pod, --config.mesh.data=-1 --config.mesh.fsdp=8
-  # keeps the parameter all-gathers inside a host.
+  # data x fsdp either way). Compiled for real slices by benchmarks/tpu_aot.py
+  # (benchmarks/RESULTS.md): v5p-128 (v5p:4x4x4) fits as configured (57 GB of 95 per chip;
+  # 13 GB with --config.model.remat=dots). v5e-256 needs --config.mesh.data=2
+  # --config.mesh.fsdp=128: DiT-XL's 1152 and 3456 do not divide 256, and the start-up check
+  # refuses to replicate them. v4-32 does not fit batch 4096 (256 images per chip ask 43.9 GB
+  # of 30.75 even with remat): use a larger v4 slice with remat.
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config
