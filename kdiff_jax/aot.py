@@ -25,7 +25,8 @@ _COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([0-9,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_NEEDED = re.compile(r"([0-9.]+)([KMGT]) .*?exceeds? (?:the )?available")
+# libtpu: "... the total memory required for HLO temporaries (43.92G) exceeds available HBM (30.75G)"
+_NEEDED = re.compile(r"required for (.*?) \(([0-9.]+[KMGT])\) exceeds available HBM \(([0-9.]+[KMGT])\)")
 
 
 def _arrays(text):
@@ -79,7 +80,8 @@ def compile_program(jitted, *abstract_args) -> Compiled:
   except Exception as error:  # noqa: BLE001 - XLA reports running out of HBM as an exception
     message = str(error)
     needed = _NEEDED.search(message)
-    short = (f"needs {needed.group(1)}{needed.group(2)}" if needed else message.split("\n")[0])
+    short = (f"out of HBM: {needed.group(1)} need {needed.group(2)}, {needed.group(3)} available"
+             if needed else message.split("\n")[0])
     return Compiled(False, time.perf_counter() - start, error=short[:300])
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()

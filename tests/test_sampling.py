@@ -6,23 +6,20 @@ from configs import default, imm_digits
 from kdiff_jax import config as config_lib, objectives, samplers, sampling
 
 
-def test_imm_rejects_an_ode_method_and_flow_rejects_pushforward():
-  imm = imm_digits.get_config()
-  config_lib.validate(imm)
-  imm.sampling.method = "heun"
-  with pytest.raises(ValueError, match=r"sampling.method='heun': objective.name='imm' samples "
-                                       r"with one of \['pushforward', 'restart'\]"):
-    config_lib.validate(imm)
-  flow = default.get_config()
-  config_lib.validate(flow)
-  flow.sampling.method = "pushforward"
-  with pytest.raises(ValueError, match=r"sampling.method='pushforward': objective.name='flow' "
-                                       r"samples with one of \['euler', 'heun', 'ddim'"):
-    config_lib.validate(flow)
-  flow.sampling.method = "nope"
-  with pytest.raises(ValueError, match=r"sampling.method='nope': must be one of \['euler'.*"
-                                       r"'pushforward', 'restart'\]"):
-    config_lib.validate(flow)
+@pytest.mark.parametrize("make, method, message", [
+    (imm_digits.get_config, "heun",
+     r"sampling.method='heun': objective.name='imm' samples with one of \['pushforward', 'restart'\]"),
+    (default.get_config, "pushforward",
+     r"sampling.method='pushforward': objective.name='flow' samples with one of \['euler', 'heun', 'ddim'"),
+    (default.get_config, "nope",
+     r"sampling.method='nope': must be one of \['euler'.*'pushforward', 'restart'\]"),
+], ids=["imm-heun", "flow-pushforward", "unknown"])
+def test_a_method_outside_the_objectives_family_is_rejected(make, method, message):
+  config = make()
+  config_lib.validate(config)   # as configured it is valid
+  config.sampling.method = method
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
 
 
 def test_each_objective_gets_its_family():
