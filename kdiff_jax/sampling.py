@@ -4,9 +4,10 @@
   images = sample(params, noise, labels, key)       # noise = x at sampling.t_start
 
   flow.Denoiser (flow matching, k-Diff)  an ODE/SDE method of kdiff_jax.samplers (euler, heun,
-                                         ddim, s_pndm, f_pndm, dpm_solver_2m, unipc_2, edm_heun,
-                                         euler_maruyama) with classifier-free guidance on the raw
-                                         output; k-Diff's k from the params being sampled
+                                         ddim, s_pndm, f_pndm, plms, dpm_solver_2m, unipc_2,
+                                         edm_heun, euler_maruyama) with classifier-free guidance
+                                         on the raw output; k-Diff's k from the params being
+                                         sampled
   imm.OneStepMap (IMM)                   pushforward or restart (samplers/imm.py), guidance on G
 
 One namespace: `sampling.method` and `sampling.grid` (grids.GRIDS) for every family, the method's
@@ -40,8 +41,10 @@ RULES = {
     "sampling.options.S_noise": number(0),
     "sampling.options.midpoint": one_of("t", "eta"),
     "sampling.options.variant": one_of("bh1", "bh2"),
+    "sampling.options.lower_order_final": boolean(),
     "sampling.options.rho": number(0, low_open=True),
     "sampling.options.shift": number(0, low_open=True),
+    "sampling.options.steps_offset": number(0, integer=True),
     "sampling.guidance_scale": number(),
     "sampling.guidance_interval": interval(number(0, 1)),
     "sampling.grid_size": number(1, integer=True),

@@ -20,7 +20,7 @@ MU = np.array([0.5, -1.0, 0.0, 2.0])
 S = np.array([0.3, 1.0, 0.5, 0.7])
 DETERMINISTIC = ("euler", "heun", "ddim", "s_pndm", "f_pndm", "dpm_solver_2m", "unipc_2", "edm_heun")
 STOCHASTIC = (("ddim", {"eta": 0.7}), ("euler_maruyama", {}), ("edm_heun", {"S_churn": 10.0}))
-X_BAR_METHODS = ("s_pndm", "f_pndm", "edm_heun", "euler_maruyama")  # undefined where alpha = 0
+X_BAR_METHODS = ("s_pndm", "f_pndm", "plms", "edm_heun", "euler_maruyama")  # undefined where alpha = 0
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ of steps, so `jax.jit(lambda noise, key: sample(...))` works. Grids: grids.GRIDS
   ddim            DDIM(eta), x0 form; option eta >= 0 (stochastic if > 0)  N
   s_pndm          pseudo improved Euler, then pseudo linear multistep     N + 1
   f_pndm          3 pseudo-RK4 steps, then pseudo linear multistep        N + 9
-  dpm_solver_2m   DPM-Solver++(2M)                                        N
-  unipc_2         UniPC with order 2 (UniP-2 + UniC), options variant     N
+  plms            diffusers' PNDM(skip_prk_steps): improved Euler, AB2-4  N + 1
+  dpm_solver_2m   DPM-Solver++(2M); option lower_order_final              N
+  unipc_2         UniPC with order 2 (UniP-2 + UniC); variant, ...        N
   edm_heun        EDM Heun in x/alpha, sigma/alpha; S_churn, S_tmin, ...  2N - 1
   euler_maruyama  reverse SDE, Euler–Maruyama                             N
 
@@ -47,6 +48,7 @@ _REGISTRY = {
     "ddim": (ddim.ddim, ddim.nfe),
     "s_pndm": (pndm.s_pndm, pndm.s_pndm_nfe),
     "f_pndm": (pndm.f_pndm, pndm.f_pndm_nfe),
+    "plms": (pndm.plms, pndm.plms_nfe),
     "dpm_solver_2m": (dpm_solver.dpm_solver_2m, dpm_solver.nfe),
     "unipc_2": (dpm_solver.unipc_2, dpm_solver.nfe),
     "edm_heun": (edm.edm_heun, edm.nfe),
@@ -65,7 +67,7 @@ def _lookup(method):
 
 
 def option_defaults() -> dict:
-  """{option: default} of every method's options and of the grid options rho and shift."""
+  """{option: default} of every method's options and of the grid options (rho, shift, ...)."""
   defaults = {}
   for builder, _ in _REGISTRY.values():
     defaults.update({name: p.default for name, p in inspect.signature(builder).parameters.items()
@@ -142,8 +144,9 @@ def sample(model_fn, noise, *, schedule, prediction, method, num_steps, key=None
   the step's [B] time vector.
   min_divisor: clamp passed to parameterization.to_x_eps. scan=False runs a Python loop
   (same math; for debugging and counting calls). method_options: the method's options
-  (eta; S_churn, S_tmin, S_tmax, S_noise; midpoint; variant) and the grid's (rho, shift,
-  sigma_max, sigma_min). key: needed by stochastic methods, split once per step.
+  (eta; S_churn, S_tmin, S_tmax, S_noise; midpoint; variant, lower_order_final) and the grid's
+  (rho, shift, sigma_max, sigma_min, steps_offset). key: needed by stochastic methods, split once
+  per step.
   """
   schedule = schedules_lib.get(schedule) if isinstance(schedule, str) else schedule
   the_plan = plan(schedule=schedule, prediction=prediction, method=method, num_steps=num_steps,

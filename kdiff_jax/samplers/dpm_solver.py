@@ -4,7 +4,8 @@ With h_i = lambda_{i+1} - lambda_i (lambda = log(alpha/sigma)) and D_i = x_hat(x
 
 DPM-Solver++(2M):
   x_{i+1} = (sigma_{i+1}/sigma_i)·x_i - alpha_{i+1}·(e^{-h_i} - 1)·D,
-  D = D_i on the first step and on a last step to sigma = 0, else with r_i = h_{i-1}/h_i
+  D = D_i on the first step and on a last step to sigma = 0 (or any last step with the option
+  lower_order_final), else with r_i = h_{i-1}/h_i
   D = (1 + 1/(2r_i))·D_i - (1/(2r_i))·D_{i-1}.  N NFE.
 UniPC-2 (B(h) = e^{-h} - 1 'bh2' or -h 'bh1'), with D1 = (D_{i-1} - D_i)/r_i and
 r_i = (lambda_{i-1} - lambda_i)/h_i = -h_{i-1}/h_i (UniPC's r_1, negative):
@@ -14,8 +15,11 @@ r_i = (lambda_{i-1} - lambda_i)/h_i = -h_{i-1}/h_i (UniPC's r_1, negative):
                       D' = x_hat(x', t_{i+1}), which the next step reuses as its D_i (no extra NFE);
   rho_p = 1/2 and (rho_0, rho_1) solving [[1, 1], [r_i, 1]]·rho = [b_1, b_2] with
   b_1 = h_phi_k/B(h), b_2 = 2·(h_phi_k/(-h) - 1/2)/B(h), h_phi_k = (e^{-h} - 1)/(-h) - 1
-  (Alg. 2 at order 2; the first step is order 1: rho_p = rho_0 = 0, rho_1 = 1/2); no corrector
-  on the last step.  N NFE, order 3.
+  (Alg. 2 at order 2; the first step is order 1: rho_p = rho_0 = 0, rho_1 = 1/2, and so is a
+  last step to sigma = 0 or, with lower_order_final, any last step); no corrector on the last
+  step.  N NFE, order 3.
+lower_order_final=True is diffusers' first-order last step where the final sigma is not 0
+(UniPCMultistepScheduler always; DPMSolverMultistepScheduler for N < 15 or euler_at_final).
 The float64 plan holds sigma_ratio = sigma_{i+1}/sigma_i, alpha_phi = -alpha_{i+1}·(e^{-h} - 1)
 and alpha_B = alpha_{i+1}·B(h).
 """
@@ -48,11 +52,21 @@ def _step_quantities(ctx, i):
   return t, s, h, float(ctx.sigma(s) / ctx.sigma(t)), float(-ctx.alpha(s) * np.expm1(-h))
 
 
-def dpm_solver_2m(ctx):
+def _first_order_final(ctx, i, lower_order_final):
+  """Step i is first order because it lands on sigma = 0, or is the last and lower_order_final."""
+  if not isinstance(lower_order_final, bool):
+    raise ValueError(f"sampling.options.lower_order_final={lower_order_final!r}: "
+                     "must be True or False")
+  return ctx.to_zero(ctx.times[i + 1]) or (lower_order_final and i == ctx.num_steps - 1)
+
+
+def dpm_solver_2m(ctx, lower_order_final=False):
+  """lower_order_final: the last step is first order also where it does not land on sigma = 0."""
   steps, h_prev = [], None
   for i in range(ctx.num_steps):
     t, s, h, sigma_ratio, alpha_phi = _step_quantities(ctx, i)
-    first_order = h_prev is None or ctx.to_zero(s) or not np.isfinite(h_prev)
+    first_order = (h_prev is None or not np.isfinite(h_prev)
+                   or _first_order_final(ctx, i, lower_order_final))
     half_inv_r = 0.0 if first_order else 0.5 * h / h_prev  # 1/(2r), r = h_{i-1}/h_i
     steps.append((_dpm_solver_2m_step, {"t": t, "sigma_ratio": sigma_ratio,
                                         "alpha_phi": alpha_phi, "half_inv_r": half_inv_r}, False))
@@ -82,15 +96,18 @@ def _unipc_last_step(carry, c, key, denoise):
   return {"x": _unipc_predict(carry["x"], D_i, D1, c), "hist": carry["hist"]}
 
 
-def unipc_2(ctx, variant="bh2"):
-  """UniPC with order 2 (UniP-2 + UniC-2): first step order 1, then order 2 (Zhao et al. 2023, Alg. 2/3)."""
+def unipc_2(ctx, variant="bh2", lower_order_final=False):
+  """UniPC with order 2 (UniP-2 + UniC-2): first step order 1, then order 2 (Zhao et al. 2023, Alg. 2/3).
+
+  lower_order_final: the last step is order 1 also where it does not land on sigma = 0.
+  """
   if variant not in ("bh1", "bh2"):
     raise ValueError(f"sampling.options.variant={variant!r}: allowed values are ['bh1', 'bh2']")
   steps, h_prev = [], None
   for i in range(ctx.num_steps):
     t, s, h, sigma_ratio, alpha_phi = _step_quantities(ctx, i)
     order = 2 if (h_prev is not None and np.isfinite(h_prev) and np.isfinite(h)) else 1
-    if ctx.to_zero(s):
+    if _first_order_final(ctx, i, lower_order_final):
       order = 1
     # No correction (x_s = the DDIM prediction) where h is infinite (a step from alpha = 0).
     coefs = {"t": t, "s": s, "sigma_ratio": sigma_ratio, "alpha_phi": alpha_phi,

@@ -1,10 +1,11 @@
-"""Pseudo numerical methods S-PNDM and F-PNDM (Liu et al., ICLR 2022, eq. 9; specs/samplers.md).
+"""Pseudo numerical methods S-PNDM, F-PNDM (Liu et al., ICLR 2022, eq. 9; specs/samplers.md) and PLMS.
 
-Both are driven by the noise estimate e = n_hat through the transfer
+All three are driven by the noise estimate e = n_hat through the transfer
   phi(x_t, e, t, s) = (alpha_s/alpha_t)·x_t + alpha_s·(eta_s - eta_t)·e
-(a DDIM step driven by e; the paper's alphabar form is the same map, and the coefficients are
-computed here in float64 on the host, so its rearrangement against cancellation is not needed).
-phi divides by alpha_t: both methods reject a start where alpha(t_start) = 0.
+(a DDIM step driven by e; the paper's alphabar form, diffusers' PNDMScheduler._get_prev_sample,
+is the same map, and the coefficients are computed here in float64 on the host, so its
+rearrangement against cancellation is not needed). phi divides by alpha_t: all three reject a
+start where alpha(t_start) = 0.
 
 S-PNDM: one pseudo improved Euler step, then pseudo linear multistep with (3e_k - e_{k-1})/2.
         N + 1 NFE.
@@ -12,13 +13,21 @@ F-PNDM: three pseudo-RK4 steps (midpoint m), then pseudo linear multistep with
         (55e_k - 59e_{k-1} + 37e_{k-2} - 9e_{k-3})/24.  N + 9 NFE.  Global order 2 on ordinary
         grids (the Adams weights assume nodes equally spaced in eta); order 4 only there
         (with midpoint='eta', which makes the warm-up classical RK4 in x_bar = x/alpha).
+PLMS:   diffusers' PNDMScheduler(skip_prk_steps=True), what Stable Diffusion calls PNDM / PLMS
+        (diffusers 0.42, PNDMScheduler.step_plms): the pseudo improved Euler step of S-PNDM,
+        then pseudo linear multistep with the Adams–Bashforth weights of the history at hand,
+        AB2 (3e_k - e_{k-1})/2, AB3 (23e_k - 16e_{k-1} + 5e_{k-2})/12, then AB4 as F-PNDM.
+        N + 1 NFE (N = 1: one plain transfer step, 1 NFE, as diffusers).
 A warm-up step that lands on sigma = 0 would call the model there; it is first order instead.
-This is not the "PLMS" ramp (improved Euler, AB2, AB3, AB4; N + 1 NFE).
 """
 from kdiff_jax.samplers import core
 
-_S_PNDM_WEIGHTS = (3.0 / 2.0, -1.0 / 2.0)
-_F_PNDM_WEIGHTS = (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0)
+# Adams–Bashforth weights of e_k, e_{k-1}, ... by order.
+_ADAMS_BASHFORTH_WEIGHTS = {
+    2: (3.0 / 2.0, -1.0 / 2.0),
+    3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
+    4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
+}
 _WHY = "is eps-driven (its transfer phi divides by alpha(t))"
 
 
@@ -53,8 +62,8 @@ def _multistep_body(weights):
   return multistep_step
 
 
-_s_pndm_multistep = _multistep_body(_S_PNDM_WEIGHTS)
-_f_pndm_multistep = _multistep_body(_F_PNDM_WEIGHTS)
+# order -> the pseudo linear multistep body with those weights (a longer history is ignored).
+_multistep = {order: _multistep_body(weights) for order, weights in _ADAMS_BASHFORTH_WEIGHTS.items()}
 
 
 def _phi_coefs(ctx, t, s):
@@ -76,7 +85,7 @@ def s_pndm(ctx):
     if i == 0:
       body = core.transfer_step if ctx.to_zero(s) else improved_euler_step
     else:
-      body = _s_pndm_multistep
+      body = _multistep[2]
     steps.append((body, coefs, False))
   return core.steps_to_plan(steps, _init(1))
 
@@ -90,7 +99,7 @@ def f_pndm(ctx, midpoint="t"):
   for i, (t, s) in enumerate(zip(ctx.times[:-1], ctx.times[1:])):
     coefs = _phi_coefs(ctx, t, s)
     if i >= 3:
-      steps.append((_f_pndm_multistep, coefs, False))
+      steps.append((_multistep[4], coefs, False))
     elif ctx.to_zero(s):
       steps.append((core.transfer_step, coefs, False))
     else:
@@ -101,6 +110,24 @@ def f_pndm(ctx, midpoint="t"):
       mid = {"mid_" + name: value for name, value in ctx.phi(t, m).items()}
       steps.append((_rk4_step, {**coefs, "m": m, **mid}, False))
   return core.steps_to_plan(steps, _init(3))
+
+
+def plms(ctx):
+  """PLMS (diffusers' PNDMScheduler(skip_prk_steps=True)): step 0 pseudo improved Euler, step i
+  pseudo linear multistep of order min(i + 1, 4); x_s = phi(x_t, e', t, s) throughout."""
+  ctx.require_alpha_positive(_WHY)
+  steps = []
+  for i, (t, s) in enumerate(zip(ctx.times[:-1], ctx.times[1:])):
+    if i > 0:
+      body = _multistep[min(i + 1, 4)]
+    else:  # diffusers' one-step PLMS makes no second evaluation
+      body = core.transfer_step if ctx.num_steps == 1 else improved_euler_step
+    steps.append((body, _phi_coefs(ctx, t, s), False))
+  return core.steps_to_plan(steps, _init(3))
+
+
+def plms_nfe(num_steps, final_sigma_zero=True):
+  return 1 if num_steps == 1 else num_steps + 1
 
 
 def s_pndm_nfe(num_steps, final_sigma_zero=True):
