@@ -56,6 +56,11 @@ class Schedule:
     """The time t with lambda(t) = lambda_; eta = exp(-lambda)."""
     return self.eta_inv(_xp(lambda_).exp(-lambda_))
 
+  def network_time(self, t):
+    """The time the network is conditioned on at t (its embedder sees model.time_scale times
+    this): t itself, except for DDPM's discrete schedule (VP.network_time)."""
+    return t
+
 
 @dataclasses.dataclass(frozen=True)
 class RectifiedFlow(Schedule):
@@ -153,6 +158,17 @@ class VP(Schedule):
   def sigma_dot(self, t):
     """sigma = sqrt(1 - alpha^2)  =>  sigma_dot = -alpha·alpha_dot/sigma."""
     return -self.alpha(t) * self.alpha_dot(t) / self.sigma(t)
+
+  def network_time(self, t):
+    """DDPM's step index over N: t - 1/N.
+
+    DDPM (and DiT, and every network trained with its code) noises step k = 0..N-1 to
+    alphabar_k = prod_{j<=k}(1 - beta_j) and embeds k; this schedule puts alphabar_k at the knot
+    t = (k + 1)/N (t = 0 is clean data). So the network sees t - 1/N = k/N, and with
+    model.time_scale = N its embedder gets k exactly: a DiT imported from PyTorch samples at the
+    noise level it was trained at, and an exported VP model runs in DiT's own diffusion code.
+    """
+    return t - 1.0 / self.num_steps
 
   def eta_inv(self, eta):
     """Invert log(alpha) = -0.5·log(1 + eta^2) on the piecewise-linear knots."""

@@ -49,9 +49,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit | jit (pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
-  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H
-  model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit: also 16 | 32
+  model.name = "dit"              # dit | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
+  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp
+  model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit: also 16 | 32; unet: 1 (no patches)
   model.mlp_ratio = 4.0
   model.second_time_embedder = False  # a second time input (IMM's s or t - s)
   model.time_scale = 1000.0       # the time embedder sees time_scale * t
@@ -60,6 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
   model.scan_blocks = False       # one lax.scan over stacked blocks: compile time independent of depth
   model.mlp_width = 256           # model.name = mlp: hidden width
   model.mlp_depth = 3             # model.name = mlp: residual blocks
+  model.dropout = 0.0             # unet: dropout in every residual block, training passes only
+  model.class_conditional = True  # False: the network ignores labels (unet only: EDM's label_dim = 0)
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
@@ -132,6 +134,7 @@ def defaults() -> ml_collections.ConfigDict:
   sampling.method = "heun"        # flow, kdiff: see kdiff_jax.samplers; imm: pushforward | restart
   sampling.num_steps = 32
   sampling.grid = "uniform_t"     # uniform_t | karras | uniform_lambda | shift | cifar (IMM's 1-2 steps)
+                                  # | leading | leading_multistep | linspace | trailing (diffusers', VP)
   sampling.t_start = 1.0          # sampling runs from t_start (noise) down to t_end
   sampling.t_end = 0.0
   # The method's and grid's options (kdiff_jax.samplers); changing one the method and grid do not
@@ -144,8 +147,10 @@ def defaults() -> ml_collections.ConfigDict:
       S_noise=1.0,                #   with noise scale S_noise
       midpoint="t",               # f_pndm: the RK midpoint halves t | eta
       variant="bh2",              # unipc_2: B(h) = h (bh1) | expm1(h) (bh2)
+      lower_order_final=False,    # dpm_solver_2m, unipc_2: the last step first order (diffusers'; see samplers/grids.py)
       rho=7.0,                    # grid karras: the ramp's exponent
       shift=3.0,                  # grid shift: t' = a·t/(1 + (a-1)·t)
+      steps_offset=0,             # grids leading, leading_multistep: diffusers' steps_offset
   ))
   sampling.guidance_scale = 1.0   # 1 = no guidance
   sampling.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval

@@ -5,10 +5,14 @@
   params, step = weights.restore(workdir, use_ema=True)   # {'net': ..., **extra}, on `mesh`
 
 The model is built abstractly (nnx.eval_shape): no parameter is allocated until it is placed
-straight into its shardings. `apply(net_params, x_t, t, labels, s=None, full_precision=False)`
-runs the network functionally; full_precision=True runs its float32 build whatever
-model.compute_dtype says (IMM's target pass). Sampling, evaluation and export read one set of
-weights (an EMA or the raw ones) through `Weights.restore` and never build an optimizer.
+straight into its shardings. `apply(net_params, x_t, t, labels, s=None, full_precision=False,
+dropout_rng=None)` runs the network functionally at the schedule's `network_time(t)` (t itself
+except on DDPM's VP schedule, where the network sees DDPM's step index k at alphabar_k:
+schedules.VP.network_time); full_precision=True runs its float32 build
+whatever model.compute_dtype says (IMM's target pass); dropout_rng, given by the training passes
+of a network with model.dropout > 0 (`flow.dropout_kwargs`), turns its dropout on. Sampling,
+evaluation and export read one set of weights (an EMA or the raw ones) through `Weights.restore`
+and never build an optimizer.
 """
 import dataclasses
 from typing import Any, Callable
@@ -18,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kdiff_jax import checkpoint, models, objectives, parallel
+from kdiff_jax import checkpoint, models, objectives, parallel, schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +57,14 @@ def build_model(config) -> Model:
     full.model.compute_dtype = "float32"
     graphdef_f32 = _abstract(full)[0]
 
-  def apply(net_params, x_t, t, labels, s=None, full_precision=False):
-    return nnx.merge(graphdef_f32 if full_precision else graphdef, net_params)(x_t, t, labels, s)
+  network_time = schedules.get(config.objective.schedule).network_time
+
+  def apply(net_params, x_t, t, labels, s=None, full_precision=False, dropout_rng=None):
+    net = nnx.merge(graphdef_f32 if full_precision else graphdef, net_params)
+    t = network_time(t)
+    if dropout_rng is None:
+      return net(x_t, t, labels, s)
+    return net(x_t, t, labels, s, dropout_rng=dropout_rng)
 
   return Model(graphdef, abstract_net, logical_net, apply)
 

@@ -56,7 +56,7 @@ CASES = [
     ("flow", {"data.name": "synthetic", "data.latent_channel_mean": (0.0, 1.0)},
      r"data.latent_channel_mean has 2 entries but .*data.channels=1"),
     # --- model
-    ("flow", {"model.name": "unet"}, r"model.name='unet': must be one of \['dit', 'jit', 'mlp'\]"),
+    ("flow", {"model.name": "resnet"}, r"model.name='resnet': must be one of \['dit', 'jit', 'mlp', 'unet'\]"),
     ("flow", {"model.size": "XXL"}, r"model.size='XXL': must be one of .*'XL'"),
     ("flow", {"model.name": "jit", "model.size": "S"}, r"model.size='S': allowed values for model.name='jit' are \['T', 'XS', 'B', 'L', 'H'\]"),
     ("flow", {"model.patch_size": 16}, r"model.patch_size=16: allowed values for model.name='dit' are \[1, 2, 4, 8\]"),

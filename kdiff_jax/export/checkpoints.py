@@ -8,13 +8,17 @@ Export (`main.py --mode=export`) restores the raw and EMA weights of the checkpo
                      with export.use_ema=False; the JSON below is also in its metadata
   stepN.pt           {"model": raw state_dict, "ema": EMA state_dict} (DiT's checkpoint layout;
                      no "ema" without EMA decays), written only where torch is installed
+  stepN_immprecond.pt  IMM runs (DiT or U-Net): the exported weights as lumalabs/imm's IMMPrecond
+                     state_dict (keys 'model.*'), loading with strict=True into
+                     IMMPrecond(**meta['imm_precond'])
   stepN.json         what rebuilds and samples the model in PyTorch (`meta`): constructor kwargs
                      of torch_models.DiT / JiT, objective (schedule, parameterization, sigma_d,
                      k-Diff's learned w_k, IMM's map and time conditioning), sampler settings
                      with the time grid, and the training config
 
 Import (`import_state_dict`, `main.py --mode=import --import_from=...`) turns a
-facebookresearch/DiT-format state_dict (.pt or .safetensors) into Flax net params, and
+facebookresearch/DiT-format state_dict (.pt or .safetensors), an EDM / IMM SongUNet one, or
+lumalabs/imm's IMMPrecond state_dict or pickle (pretrained.py) into Flax net params, and
 `init_workdir` writes them as the step-0 checkpoint of a workdir, which `main.py --mode=train`
 then fine-tunes (fresh optimizer; every EMA starts at the imported weights).
 """
@@ -28,14 +32,14 @@ from safetensors import numpy as safetensors_numpy
 
 from kdiff_jax import checkpoint, config as config_lib, console, models, objectives, parallel
 from kdiff_jax import sampling, state, train
-from kdiff_jax.export import convert
-from kdiff_jax.models import dit, jit
+from kdiff_jax.export import convert, pretrained
+from kdiff_jax.models import dit, jit, unet
 
 FORMAT = "kdiff_jax.export/1"
 
 
 def model_spec(config) -> dict:
-  """torch_models constructor kwargs of config's model, with its 'name' ('dit' or 'jit')."""
+  """torch_models constructor kwargs of config's model, with its 'name' ('dit', 'jit', 'unet')."""
   model, data = config.model, config.data
   common = dict(input_size=data.image_size, patch_size=model.patch_size,
                 in_channels=data.channels, mlp_ratio=model.mlp_ratio,
@@ -50,7 +54,15 @@ def model_spec(config) -> dict:
     return dict(name="jit", hidden_size=hidden_size, depth=depth, num_heads=num_heads,
                 bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
                 in_context_start=in_context_start, **common)
-  raise ValueError(f"model.name={model.name!r}: export supports 'dit' and 'jit' "
+  if model.name == "unet":
+    model_channels, channel_mult, num_blocks, attn_resolutions = unet.SIZES[model.size]
+    return dict(name="unet", input_size=data.image_size, in_channels=data.channels,
+                num_classes=data.num_classes if model.class_conditional else 0,
+                model_channels=model_channels, channel_mult=list(channel_mult),
+                num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
+                dropout=model.dropout, second_time_embedder=model.second_time_embedder,
+                time_scale=model.time_scale)
+  raise ValueError(f"model.name={model.name!r}: export supports 'dit', 'jit' and 'unet' "
                    "(torch_models has no MLP)")
 
 
@@ -62,6 +74,13 @@ def _abstract_model(config):
 def pos_embed(config) -> np.ndarray:
   """The fixed [T, D] sin-cos embedding of config's model (torch's `pos_embed`, unbatched)."""
   return _abstract_model(config).pos_embed()
+
+
+def net_to_torch(config, net_params) -> dict:
+  """The torch state_dict of config's network (DiT / JiT: convert.to_torch; U-Net: unet.to_torch)."""
+  if config.model.name == "unet":
+    return unet.to_torch(net_params)
+  return convert.to_torch(net_params, pos_embed(config))
 
 
 def sampling_meta(config, description) -> dict:
@@ -101,7 +120,7 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
   """The export's JSON: model kwargs, objective, sampler, which weights, files, training config."""
   decays = config.training.ema_decays
   description = objectives.describe(config)
-  return dict(
+  meta = dict(
       format=FORMAT,
       model=model_spec(config),
       objective=objective_meta(config, description, params_by_weights),
@@ -112,6 +131,10 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
       layout="torch NCHW; t in [0, 1] with t = 0 data, t = 1 noise; label num_classes = null",
       config=json.loads(config.to_json()),
   )
+  if config.objective.name == "imm" and config.model.name in ("dit", "unet"):
+    meta["imm_precond"] = pretrained.imm_precond_kwargs(config)
+    meta["files"]["imm_precond"] = stem + "_immprecond.pt"
+  return meta
 
 
 def export_checkpoint(config, workdir: str, step=None) -> dict:
@@ -128,14 +151,15 @@ def export_checkpoint(config, workdir: str, step=None) -> dict:
     console.info("export: export.use_ema=True but training.ema_decays is empty: exporting the "
                  "raw weights")
 
-  table = pos_embed(config)
-  state_dicts = {name: convert.to_torch(params["net"], table)
+  state_dicts = {name: net_to_torch(config, params["net"])
                  for name, params in params_by_weights.items()}
   output_dir = config.export.output_dir or os.path.join(workdir, "export")
   stem = f"step{step}"
   meta = metadata(config, params_by_weights, exported=exported, step=step, stem=stem)
   paths = {kind: os.path.join(output_dir, f"{stem}.{kind}")
            for kind in ("safetensors", "pt", "json")}
+  if "imm_precond" in meta:
+    paths["imm_precond"] = os.path.join(output_dir, meta["files"]["imm_precond"])
   if jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     safetensors_numpy.save_file(state_dicts[exported], paths["safetensors"],
@@ -144,20 +168,25 @@ def export_checkpoint(config, workdir: str, step=None) -> dict:
       json.dump(meta, f, indent=2)
     if not _write_pt(state_dicts, paths["pt"]):
       del paths["pt"]
+    if "imm_precond" in paths and not _write_pt(
+        pretrained.to_imm_precond(state_dicts[exported]), paths["imm_precond"]):
+      del paths["imm_precond"]
   console.info("export: step %d (%s weights) -> %s", step, exported, output_dir)
   return paths
 
 
 def _write_pt(state_dicts, path) -> bool:
-  """torch.save({'model': ..., 'ema': ...}) if torch is installed (the only torch use here)."""
+  """torch.save(state_dicts) ({'model': ..., 'ema': ...}, or one state_dict) if torch is
+  installed (the only torch use here)."""
   try:
     import torch
   except ImportError:
     console.info("export: torch is not installed: wrote no %s (the .safetensors holds the same "
                  "weights)", path)
     return False
-  torch.save({name: {key: torch.from_numpy(value) for key, value in state.items()}
-              for name, state in state_dicts.items()}, path)
+  to_torch = lambda tree: (torch.from_numpy(tree) if isinstance(tree, np.ndarray)
+                           else {key: to_torch(value) for key, value in tree.items()})
+  torch.save(to_torch(state_dicts), path)
   return True
 
 
@@ -165,8 +194,13 @@ def _write_pt(state_dicts, path) -> bool:
 
 def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -> dict:
   """Flax net params (a pure dict, `state['params']['net']`) of config's model from a torch
-  DiT / JiT state_dict (see convert.from_torch for drop_learned_sigma)."""
+  DiT / JiT state_dict, or lumalabs/imm's IMMPrecond one (keys 'model.*', pretrained.py); see
+  convert.from_torch for drop_learned_sigma."""
   model_spec(config)
+  if pretrained.is_imm_precond(state_dict):
+    state_dict = pretrained.from_imm_precond(state_dict, config.data.num_classes)
+  if config.model.name == "unet":
+    return unet.from_torch(state_dict, lambda: models.build(config, nnx.Rngs(0)))[1]
   return convert.from_torch(state_dict, state.build_model(config).abstract_net, pos_embed(config),
                             drop_learned_sigma=drop_learned_sigma)
 

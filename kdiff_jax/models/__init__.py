@@ -3,17 +3,20 @@ validate the model section against each network's own tables of sizes and patche
 import jax.numpy as jnp
 from flax import nnx
 
-from kdiff_jax.models import dit, jit, layers, mlp
+from kdiff_jax.models import dit, jit, layers, mlp, unet
 from kdiff_jax.models.dit import DiT, torch_name
 from kdiff_jax.models.jit import JiT
 from kdiff_jax.models.mlp import MLP
+from kdiff_jax.models.unet import SongUNet
 from kdiff_jax.schema import boolean, number, one_of
 
-# name -> (its table of sizes, its patch sizes (None for the MLP), builder(config, dtype, rngs))
+# name -> (its table of sizes, its patch sizes (None for the MLP), builder(config, dtype, rngs)).
+# The U-Net convolves every pixel: its one "patch size" is 1 (unet.check says so).
 ARCHITECTURES = {
     "dit": (dit.SIZES, dit.PATCH_SIZES, dit.dit_from_config),
     "jit": (jit.SIZES, jit.PATCH_SIZES, jit.jit_from_config),
     "mlp": (None, None, mlp.mlp_from_config),
+    "unet": (unet.SIZES, (1,), unet.unet_from_config),
 }
 MODELS = tuple(ARCHITECTURES)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,13 +34,25 @@ RULES = {
     "model.scan_blocks": boolean(),
     "model.mlp_width": number(1, integer=True),
     "model.mlp_depth": number(0, integer=True),
+    "model.dropout": number(0, 1, high_open=True),
+    "model.class_conditional": boolean(),
 }
 
 
 def check(config) -> None:
-  """The network fits the data's shape, its size and patch exist, and the patch divides the image."""
+  """The network fits the data's shape, its size and patch exist, and the patch divides the image;
+  only the U-Net has dropout or may ignore labels (and then guidance has nothing to act on)."""
   model = config.model
   flat = config.data.name == "toy2d"
+  if model.name != "unet" and model.dropout:
+    raise ValueError(f"model.dropout={model.dropout}: only model.name='unet' has dropout")
+  if model.name != "unet" and not model.class_conditional:
+    raise ValueError(f"model.class_conditional=False: model.name={model.name!r} always embeds "
+                     "the label (only model.name='unet' can ignore it)")
+  if not model.class_conditional and config.sampling.guidance_scale != 1:
+    raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: the network "
+                     "ignores labels (model.class_conditional=False), so guidance would change "
+                     "nothing: set sampling.guidance_scale=1.0")
   if model.name == "mlp" and not flat:
     raise ValueError(f"model.name='mlp' takes flat points: data.name must be 'toy2d', not "
                      f"{config.data.name!r}")
@@ -50,6 +65,8 @@ def check(config) -> None:
   if model.size not in sizes:
     raise ValueError(f"model.size={model.size!r}: allowed values for model.name={model.name!r} "
                      f"are {list(sizes)}")
+  if model.name == "unet":
+    unet.check(config)
   if model.patch_size not in patch_sizes:
     raise ValueError(f"model.patch_size={model.patch_size!r}: allowed values for "
                      f"model.name={model.name!r} are {list(patch_sizes)}")
@@ -72,4 +89,4 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
                                              rngs)
 
 
-__all__ = ["DiT", "JiT", "MLP", "MODELS", "RULES", "build", "check", "torch_name"]
+__all__ = ["DiT", "JiT", "MLP", "MODELS", "RULES", "SongUNet", "build", "check", "torch_name"]

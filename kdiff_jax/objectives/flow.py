@@ -59,6 +59,15 @@ def drop_labels(rng, labels, probability, null_label):
   return jnp.where(drop, null_label, labels)
 
 
+def dropout_kwargs(rng, config) -> dict:
+  """{'dropout_rng': key} for a training pass of a network with model.dropout > 0, else {}.
+
+  The key is the fourth stream of the step's rng, split(rng, 4)[3]: with partitionable threefry
+  the first three are noised_batch's (time, noise, labels), which stay as they were.
+  """
+  return {"dropout_rng": jax.random.split(rng, 4)[3]} if config.model.dropout else {}
+
+
 def noised_batch(batch, rng, config, schedule):
   """(x, n, t, x_t, labels) of one training batch.
 
@@ -103,7 +112,8 @@ def build(config, apply_fn):
 
   def loss(params, batch, rng):
     x, n, t, x_t, labels = noised_batch(batch, rng, config, schedule)
-    output = apply_fn(params["net"], x_t, t, labels).astype(jnp.float32)
+    output = apply_fn(params["net"], x_t, t, labels,
+                      **dropout_kwargs(rng, config)).astype(jnp.float32)
     per_example = regression_loss(output, x, n, x_t, t, schedule, prediction=cfg.prediction,
                                   loss_target=cfg.loss_target, noise_std=cfg.noise_std,
                                   min_divisor=cfg.min_divisor)

@@ -174,12 +174,13 @@ class OneStepMap:
   time_conditioning: str
   sigma_d: float
 
-  def network(self, apply_fn, net_params, x_t, s, t, labels, full_precision=False):
-    """G = net(c_in(t)·x_t, t, labels, s or t - s), float32; s, t: [B]."""
+  def network(self, apply_fn, net_params, x_t, s, t, labels, full_precision=False, **dropout):
+    """G = net(c_in(t)·x_t, t, labels, s or t - s), float32; s, t: [B]; dropout: a training
+    pass's flow.dropout_kwargs."""
     c_in = parameterization.broadcast_time(input_scale(t, self.schedule, self.sigma_d), x_t)
     second_time = t - s if self.time_conditioning == "stride" else s
     output = apply_fn(net_params, c_in * x_t, t, labels, second_time,
-                      full_precision=full_precision)
+                      full_precision=full_precision, **dropout)
     return output.astype(jnp.float32)
 
   def map(self, x_t, output, s, t):
@@ -211,10 +212,12 @@ def describe(config) -> OneStepMap:
 
 
 def make_group_losses(config, apply_fn):
-  """group_losses(net_params, x, n, labels, target_labels, s, r, t) -> (w·MMD^2, MMD^2), each [G].
+  """group_losses(net_params, x, n, labels, target_labels, s, r, t, **dropout) -> (w·MMD^2,
+  MMD^2), each [G].
 
   x, n: [G·M, ...] with group g in rows g·M .. g·M + M - 1; labels feed the online pass (already
-  dropped for guidance), target_labels the target pass; s, r, t: [G].
+  dropped for guidance), target_labels the target pass; s, r, t: [G]; dropout: the step's
+  flow.dropout_kwargs, one key for both passes (the target pass drops the same units).
   """
   cfg = config.objective
   imm = cfg.imm
@@ -222,18 +225,18 @@ def make_group_losses(config, apply_fn):
   one_step = describe(config)
   group_size = imm.group_size
 
-  def mapped(net_params, x_t, s, t, labels, full_precision):
-    output = one_step.network(apply_fn, net_params, x_t, s, t, labels, full_precision)
+  def mapped(net_params, x_t, s, t, labels, full_precision, **dropout):
+    output = one_step.network(apply_fn, net_params, x_t, s, t, labels, full_precision, **dropout)
     return one_step.map(x_t, output, s, t)
 
-  def group_losses(net_params, x, n, labels, target_labels, s, r, t):
+  def group_losses(net_params, x, n, labels, target_labels, s, r, t, **dropout):
     per_particle = lambda time: jnp.repeat(time, group_size)
     s_p, r_p, t_p = per_particle(s), per_particle(r), per_particle(t)
     x_t = parameterization.interpolate(x, n, t_p, schedule)
     x_r = parameterization.interpolate(x, n, r_p, schedule)
-    y_t = mapped(net_params, x_t, s_p, t_p, labels, False)
+    y_t = mapped(net_params, x_t, s_p, t_p, labels, False, **dropout)
     y_r = jax.lax.stop_gradient(
-        mapped(net_params, x_r, s_p, r_p, target_labels, imm.target_full_precision))
+        mapped(net_params, x_r, s_p, r_p, target_labels, imm.target_full_precision, **dropout))
     grouped = lambda y: y.reshape((-1, group_size) + y.shape[1:])
     _, c_out = map_coefficients(imm.f_type, s, t, schedule, cfg.noise_std)
     scale = jnp.maximum(jnp.abs(c_out), KERNEL_SCALE_FLOOR)
@@ -260,7 +263,8 @@ def build(config, apply_fn):
     n = cfg.noise_std * jax.random.normal(rng_n, x.shape, jnp.float32)
     online_labels = flow.drop_labels(rng_y, labels, cfg.label_dropout, config.data.num_classes)
     target_labels = online_labels if cfg.imm.drop_target_labels else labels
-    weighted, mmd2 = group_losses(params["net"], x, n, online_labels, target_labels, s, r, t)
+    weighted, mmd2 = group_losses(params["net"], x, n, online_labels, target_labels, s, r, t,
+                                  **flow.dropout_kwargs(rng, config))
     value = jnp.mean(weighted)
     return value, {"loss": value, "mmd2": jnp.mean(mmd2)}
 

@@ -94,7 +94,8 @@ def build(config, apply_fn):
 
   def loss(params, batch, rng):
     x, n, t, x_t, labels = flow.noised_batch(batch, rng, config, schedule)
-    output = apply_fn(params["net"], x_t, t, labels).astype(jnp.float32)
+    output = apply_fn(params["net"], x_t, t, labels,
+                      **flow.dropout_kwargs(rng, config)).astype(jnp.float32)
     k = k_of(params, t, kd)
     value = jnp.mean(per_example_loss(output, x, n, x_t, t, k, schedule, cfg.min_divisor))
     metrics = {"loss": value, "k": jnp.mean(k)}
