@@ -23,6 +23,8 @@ MODES = ("train", "sample", "eval", "export", "import", "encode_latents")
 AFTER_TRAINING = ("sample", "eval", "export")
 # Modes that write a new run into --workdir.
 WRITING = ("train", "import")
+# --import_from file -> (state_dict, config or None), read once when it also gave the config.
+IMPORTED = {}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
@@ -30,12 +32,14 @@ flags.DEFINE_enum("mode", "train", MODES,
                   "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir "
                   "(config.sampling); eval: FID/IS/precision/recall of a checkpoint (config.eval); "
                   "export: write a checkpoint as PyTorch files (config.export); import: write "
-                  "--import_from (a DiT / JiT state_dict) as step 0 of a new --workdir; "
+                  "--import_from (a DiT / JiT state_dict, or a released IMM pickle, whose config it "
+                  "carries) as step 0 of a new --workdir; "
                   "encode_latents: encode data.tfds_name with the VAE into data.latents_path.")
 flags.DEFINE_list("allow_config_change", [], "Fields a resumed run may change although they alter "
                   "the checkpoint's meaning (e.g. training.batch_size,seed).")
-flags.DEFINE_string("import_from", "", "--mode=import: a DiT / JiT state_dict (.pt, "
-                    ".safetensors) to write as the step-0 checkpoint of --workdir.")
+flags.DEFINE_string("import_from", "", "--mode=import: a lumalabs/imm pickle (.pkl / .pt of "
+                    "{'ema': IMMPrecond}; no --config needed) or a DiT / JiT / IMMPrecond "
+                    "state_dict (.pt, .safetensors) to write as the step-0 checkpoint of --workdir.")
 flags.DEFINE_bool("drop_learned_sigma", False, "--mode=import of a learn_sigma=True DiT: keep the "
                   "first C output channels (the ε mean).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes "
@@ -90,11 +94,22 @@ def define_config_flag(argv) -> None:
   early = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "", flag_values=early)
   flags.DEFINE_string("mode", "train", "", flag_values=early)
+  flags.DEFINE_string("import_from", "", "", flag_values=early)
   early(argv, known_only=True)
   if path is None and early.mode in AFTER_TRAINING and early.workdir:
     from kdiff_jax import checkpoint
     config_flags.DEFINE_config_dict("config", checkpoint.load_config(early.workdir),
                                     "The run's own config (from --workdir).", lock_config=True)
+    return
+  if path is None and early.mode == "import" and early.import_from:
+    from kdiff_jax.export import pretrained
+    IMPORTED[early.import_from] = pretrained.read(early.import_from)
+    config = IMPORTED[early.import_from][1]
+    if config is None:
+      raise UsageError(f"--import_from={early.import_from} is a state_dict: give the model's "
+                       "--config (only pickled IMMPrecond files carry their settings)")
+    config_flags.DEFINE_config_dict("config", config, "The imported file's config.",
+                                    lock_config=True)
     return
   if path is not None:
     file = path.split(":", 1)[0]
@@ -159,11 +174,15 @@ def run(config) -> None:
     from kdiff_jax.export import checkpoints
     checkpoints.export_checkpoint(config, FLAGS.workdir)
   elif FLAGS.mode == "import":
-    from kdiff_jax.export import checkpoints
-    from kdiff_jax.models import torch_weights
+    from kdiff_jax.export import checkpoints, pretrained
     if not FLAGS.import_from:
-      raise UsageError("--mode=import needs --import_from=<state_dict .pt or .safetensors>")
-    net = checkpoints.import_state_dict(torch_weights.read_state_dict(FLAGS.import_from), config,
+      raise UsageError("--mode=import needs --import_from=<IMM .pkl, or a state_dict .pt or "
+                       ".safetensors>")
+    from kdiff_jax import console
+    state_dict, carried = IMPORTED.get(FLAGS.import_from) or pretrained.read(FLAGS.import_from)
+    if carried is not None:
+      console.info("import: %s: %s", FLAGS.import_from, pretrained.describe(config))
+    net = checkpoints.import_state_dict(state_dict, config,
                                         drop_learned_sigma=FLAGS.drop_learned_sigma)
     checkpoints.init_workdir(config, FLAGS.workdir, net)
   elif FLAGS.mode == "encode_latents":

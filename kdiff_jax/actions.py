@@ -235,11 +235,12 @@ class Checkpoints:
 def viewable(config, samples) -> np.ndarray:
   """Samples as images in about [-1, 1]: latents unnormalized and decoded by the VAE.
 
-  data.name = 'latents' with data.vae_path: the VAE decoder's images; 'latents' without a VAE:
-  the first three latent channels; any other data: the samples themselves.
+  Latents (data.name = 'latents', or per-channel latent statistics as an imported IMM model
+  carries) with data.vae_path: the VAE decoder's images; without a VAE: the first three latent
+  channels; any other data: the samples themselves.
   """
   samples = np.asarray(samples, np.float32)
-  if config.data.name != "latents":
+  if config.data.name != "latents" and not config.data.latent_channel_mean:
     return samples
   if not config.data.vae_path:
     return samples[..., :3]
