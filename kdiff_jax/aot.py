@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config  # enable_compilation_cache as a context
 
 from kdiff_jax import data, parallel, sampling, train
 
@@ -73,10 +74,12 @@ class Compiled:
 
 
 def compile_program(jitted, *abstract_args) -> Compiled:
-  """jitted.lower(*abstract_args).compile() for the devices of the shardings, measured."""
+  """jitted.lower(*abstract_args).compile() for the devices of the shardings, measured (never
+  from or into a persistent compilation cache: the compile time is a result)."""
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*abstract_args).compile()
+    with jax_config.enable_compilation_cache(False):
+      compiled = jitted.lower(*abstract_args).compile()
   except Exception as error:  # noqa: BLE001 - XLA reports running out of HBM as an exception
     message = str(error)
     needed = _NEEDED.search(message)

@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, float32 matmuls, quiet TensorFlow.
+"""Test setup: 8 simulated CPU devices, float32 matmuls, quiet TensorFlow, a per-run XLA cache.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence here.
 """
@@ -7,6 +7,21 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _compilation_cache() -> str:
+  """One XLA compilation cache per test run, shared by the xdist workers and every subprocess
+  they start: a program that another test (or a restarted run) already compiled is loaded, not
+  compiled again. A fresh directory each run, so nothing carries over between runs."""
+  import tempfile
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if run_id is None:
+    return tempfile.mkdtemp(prefix="kdiff_jax_xla_cache_")
+  return os.path.join(tempfile.gettempdir(), f"kdiff_jax_xla_cache_{run_id}")
+
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _compilation_cache())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
