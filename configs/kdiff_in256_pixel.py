@@ -65,4 +65,9 @@ def get_config():
   config.sampling.num_steps = 50
   config.sampling.guidance_scale = 2.9
   config.sampling.guidance_interval = (0.0, 0.9)
+
+  # Data parallel over every device (the default mesh). Compiled for v5e-16 (v5e:4x4) by
+  # benchmarks/tpu_aot.py (benchmarks/RESULTS.md): at batch 1024 (64 images per chip) it does not
+  # fit without remat (the activations ask 24.9 GB of 15.75); with --config.model.remat=dots it
+  # needs 11.4 GB (largest batch 2688).
   return config

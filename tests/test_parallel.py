@@ -34,9 +34,9 @@ def test_logical_to_spec(logical, shape, mesh, expected):
   assert parallel.logical_to_spec(P(*logical), shape, mesh, RULES) == expected
 
 
-def _shardings(config, fsdp):
+def _shardings(config, fsdp, model=None):
   """(abstract params, their shardings as objects with .spec) of a config on an fsdp mesh."""
-  model = state.build_model(config)
+  model = model or state.build_model(config)
   mesh = _mesh(fsdp=fsdp)
   specs = jax.tree.map(lambda a, logical: types.SimpleNamespace(
       spec=parallel.logical_to_spec(logical, a.shape, mesh, parallel.rules_dict(config.mesh.rules))),
@@ -52,8 +52,9 @@ def test_no_large_parameter_replicated_on_fsdp_meshes(name):
   """On fsdp = 16, 64 and 128 (v4-32 and v5p-128 slices, a v5e-256 as data 2 x fsdp 128)
   every parameter of more than 1M elements is sharded."""
   config = importlib.import_module(f"configs.{name}").get_config()
+  model = state.build_model(config)
   for fsdp in (16, 64, 128):
-    abstract, specs, mesh = _shardings(config, fsdp)
+    abstract, specs, mesh = _shardings(config, fsdp, model)
     assert max((n for _, _, n in parallel.replicated_arrays(abstract, specs)), default=0) <= 1_000_000
     parallel.check_replicated(abstract, specs, mesh, config.mesh.replicated_limit)
 

@@ -117,5 +117,7 @@ def test_viewable_unnormalizes_then_decodes(small_vae):
   np.testing.assert_allclose(shown, expected, atol=1e-4)
   config.data.vae_path = ""
   np.testing.assert_array_equal(actions.viewable(config, samples), samples[..., :3])
-  config.data.name = "digits"
+  config.data.name = "synthetic"  # an imported latent model: its latent statistics say so
+  np.testing.assert_array_equal(actions.viewable(config, samples), samples[..., :3])
+  config.data.update(name="digits", latent_channel_mean=(), latent_channel_std=())
   np.testing.assert_array_equal(actions.viewable(config, samples), samples)
