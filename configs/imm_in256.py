@@ -72,11 +72,13 @@ def get_config():
 
   # FSDP over every device (parameters, Adam moments and EMA sharded; the batch splits over
   # data x fsdp either way). Compiled for real slices by benchmarks/tpu_aot.py
-  # (benchmarks/RESULTS.md): v5p-128 (v5p:4x4x4) fits as configured (57 GB of 95 per chip;
-  # 13 GB with --config.model.remat=dots). v5e-256 needs --config.mesh.data=2
-  # --config.mesh.fsdp=128: DiT-XL's 1152 and 3456 do not divide 256, and the start-up check
-  # refuses to replicate them. v4-32 does not fit batch 4096 (256 images per chip ask 43.9 GB
-  # of 30.75 even with remat): use a larger v4 slice with remat.
+  # (benchmarks/RESULTS.md): v5p-128 (v5p:4x4x4) fits as configured, 27 GB of 95 per chip (14 GB
+  # with --config.model.remat=dots; 57 GB with --config.model.scan_blocks=true, which keeps
+  # every block's activations, 13 GB with both, up to batch 32768). v5e-256 needs
+  # --config.mesh.data=2 --config.mesh.fsdp=128 (DiT-XL's 1152 and 3456 do not divide 256, and
+  # the start-up check refuses to replicate them): then 6.8 GB of 16. v4-32 does not fit batch
+  # 4096 (256 images per chip ask 73 GB, 43 GB with remat, of 30.75): with remat it takes 2816;
+  # use a larger v4 slice.
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config

@@ -64,7 +64,8 @@ def get_config():
 
   # Data parallel over every device (the default mesh: parameters, Adam moments and EMA
   # replicated, 10.8 GB per chip). Compiled for v5p-32 (v5p:2x2x4) by benchmarks/tpu_aot.py
-  # (benchmarks/RESULTS.md): fits at batch 1024 with 73 GB of 95 per chip under scan_blocks,
-  # 30 GB with --config.model.remat=dots (largest batch 7680). On 16 GB chips (v5e) shard the
-  # state: --config.mesh.data=1 --config.mesh.fsdp=-1.
+  # (benchmarks/RESULTS.md): fits at batch 1024 as configured, 35 GB of 95 per chip (22 GB with
+  # --config.model.remat=dots; 73 GB with --config.model.scan_blocks=true, 30 GB with both, which
+  # fit up to batch 7680). On 16 GB chips (v5e) shard the state: --config.mesh.data=1
+  # --config.mesh.fsdp=-1.
   return config

@@ -67,7 +67,8 @@ def get_config():
   config.sampling.guidance_interval = (0.0, 0.9)
 
   # Data parallel over every device (the default mesh). Compiled for v5e-16 (v5e:4x4) by
-  # benchmarks/tpu_aot.py (benchmarks/RESULTS.md): at batch 1024 (64 images per chip) it does not
-  # fit without remat (the activations ask 24.9 GB of 15.75); with --config.model.remat=dots it
-  # needs 11.4 GB (largest batch 2688).
+  # benchmarks/tpu_aot.py (benchmarks/RESULTS.md): fits at batch 1024 (64 images per chip) as
+  # configured, 12.2 GB of 16 per chip (7.7 GB with --config.model.remat=dots). With
+  # --config.model.scan_blocks=true it needs remat: the scan keeps every block's activations
+  # (24.9 GB asked without remat, 11.4 GB with it; largest batch 2688 with remat + scan).
   return config
