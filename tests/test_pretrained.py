@@ -179,6 +179,19 @@ def test_imported_songunet_pickle_samples_like_the_torch_module(preconds, tmp_pa
   print("SongUNet: max |jax - torch| by steps:", {k: f"{v:.1e}" for k, v in errors.items()})
   assert max(errors.values()) <= 1e-5
 
+  # And back: the export's IMMPrecond state_dict loads strictly into IMMPrecond(**kwargs).
+  config.export.output_dir = str(tmp_path / "export")
+  checkpoints.init_workdir(config, str(tmp_path / "run"), net_params)
+  paths = checkpoints.export_checkpoint(config, str(tmp_path / "run"))
+  import json
+  with open(paths["json"]) as f:
+    kwargs = json.load(f)["imm_precond"]
+  reloaded = preconds.IMMPrecond(**kwargs).eval()
+  reloaded.load_state_dict(torch.load(paths["imm_precond"]), strict=True)
+  x = torch.from_numpy(noise).permute(0, 3, 1, 2)
+  np.testing.assert_array_equal(preconds.pushforward(reloaded, x, None, 2),
+                                preconds.pushforward(net, x, None, 2))
+
 
 def test_imm_precond_state_dicts_go_both_ways(preconds, tmp_path):
   """The 'model.'-prefixed state_dict imports (dropout row left out) like the pickle does; an
