@@ -14,6 +14,7 @@ sampled per read and normalised per channel (z - mean)/std·0.5.
   python main.py --config=configs/imm_in256.py --config.data.latents_path=$LATENTS --workdir=$WORKDIR
 """
 from configs import default
+from kdiff_jax.data import latents
 
 
 def get_config():
@@ -22,9 +23,7 @@ def get_config():
   config.data.image_size = 32
   config.data.channels = 4
   config.data.num_classes = 1000
-  config.data.latent_channel_mean = (0.86488, -0.27787343, 0.21616915, 0.3738409)
-  config.data.latent_channel_std = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
-  config.data.latent_scale = 0.5
+  config.data.update(latents.IMM_IMAGENET_STATS)   # per-channel (z - mean)/std·0.5
 
   config.model.size = "XL"
   config.model.patch_size = 2

@@ -23,6 +23,7 @@ import pickle
 import numpy as np
 
 from kdiff_jax import schema
+from kdiff_jax.data import latents
 from kdiff_jax.export import pickles
 from kdiff_jax.models import dit, unet
 
@@ -30,10 +31,6 @@ PREFIX = "model."
 LABEL_TABLE = "y_embedder.embedding_table.weight"
 # IMMPrecond.noise_schedule -> objective.schedule.
 SCHEDULES = {"fm": "rectified_flow", "vp_cosine": "cosine"}
-# lumalabs/imm configs/im256_generate_images.yaml: the SD-VAE encoder's per-channel statistics.
-IMAGENET_LATENTS = dict(latent_channel_mean=(0.86488, -0.27787343, 0.21616915, 0.3738409),
-                        latent_channel_std=(4.85503674, 5.31922414, 3.93725398, 3.9870003),
-                        latent_scale=0.5)
 
 
 def is_imm_precond(state_dict) -> bool:
@@ -144,8 +141,7 @@ def config_from_imm_precond(precond: pickles.Pickled, tensors: dict):
   config.data.num_classes = num_classes
   config.data.name = "synthetic"  # shapes only: to fine-tune, import with the experiment's --config
   if config.data.channels == 4:
-    for field, value in IMAGENET_LATENTS.items():
-      config.data[field] = value
+    config.data.update(latents.IMM_IMAGENET_STATS)
 
   net = pickles.submodule(precond, "model")
   if "x_embedder" in net.state["_modules"]:
