@@ -49,11 +49,26 @@ def directory(workdir: str) -> str:
 
 def manager(workdir: str, checkpoint_config) -> ocp.CheckpointManager:
   """The training run's manager (it creates workdir/checkpoints)."""
+  _use_replica_parallel_across_processes_only()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=checkpoint_config.max_to_keep,
       enable_async_checkpointing=checkpoint_config.async_save,
       create=True)
   return ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+
+
+def _use_replica_parallel_across_processes_only() -> None:
+  """Orbax's jax.Array handler, writing replicated shards replica-parallel only across processes.
+
+  Replica-parallel saving splits each replicated shard among its replicas so that several hosts
+  share the writing. In one process every replica is local and the split buys nothing: it costs
+  an eager slice per replica and shard (a tiny U-Net's train state replicated over 8 CPU devices
+  saved in 9.7 s with it, 0.3 s without). Orbax's handlers live in one process-wide registry.
+  Without Orbax's per-array metadata store, which records typed PRNG keys (the state keeps its
+  key as uint32 key data).
+  """
+  handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def ema_key(decay: float) -> str:
