@@ -169,7 +169,7 @@ def test_eval_mode_with_an_adm_reference_batch(digits_fm_run, random_inception, 
   shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
   results = evaluate.evaluate(config, str(tmp_path))
   print("eval:", results)
-  with open(tmp_path / "eval_step3000_heun_4steps_w2_n8.json") as f:
+  with open(tmp_path / "eval_step1500_heun_4steps_w2_n8.json") as f:
     assert json.load(f) == results
   assert results["num_samples"] == 8 and np.isfinite(results["fid"]) and results["fid"] > 0
   assert 0.0 < results["precision"] <= 1.0 and 0.0 < results["recall"] <= 1.0

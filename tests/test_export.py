@@ -255,19 +255,19 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits
                   f"--workdir={workdir}", "--mode=export",
                   f"--config.export.output_dir={tmp_path}"],
                  cwd=ROOT, env=env, check=True, timeout=300)
-  with open(tmp_path / "step3000.json") as f:
+  with open(tmp_path / "step1500.json") as f:
     meta = json.load(f)
-  assert meta["weights"] == dict(safetensors="ema", step=3000, ema_decay=0.999)
+  assert meta["weights"] == dict(safetensors="ema", step=1500, ema_decay=0.995)
   assert meta["model"]["name"] == "dit" and meta["objective"]["prediction"] == "velocity"
-  pt = torch.load(tmp_path / "step3000.pt", weights_only=True)
-  module, _ = torch_models.load(str(tmp_path / "step3000.json"))
+  pt = torch.load(tmp_path / "step1500.pt", weights_only=True)
+  module, _ = torch_models.load(str(tmp_path / "step1500.json"))
   shapes = {k: v.shape for k, v in module.state_dict().items()}
   assert sorted(pt) == ["ema", "model"]
   for state_dict in pt.values():
     assert {k: v.shape for k, v in state_dict.items()} == shapes
-  safetensors = load_file(str(tmp_path / "step3000.safetensors"))
+  safetensors = load_file(str(tmp_path / "step1500.safetensors"))
   assert all(np.array_equal(safetensors[k], pt["ema"][k].numpy()) for k in shapes)
-  read = torch_weights.read_state_dict(str(tmp_path / "step3000.pt"))  # {model, ema} -> ema
+  read = torch_weights.read_state_dict(str(tmp_path / "step1500.pt"))  # {model, ema} -> ema
   assert sorted(read) == sorted(shapes)
   assert all(np.array_equal(read[k], pt["ema"][k].numpy()) for k in shapes)
   assert not np.array_equal(pt["ema"]["blocks.0.attn.qkv.weight"],

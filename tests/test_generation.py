@@ -23,7 +23,7 @@ def test_main_sample_mode_writes_npz_and_png(digits_fm_run):
        "--mode=sample", "--config.sampling.method=ddim", "--config.sampling.num_steps=10",
        "--config.sampling.num_samples=30", "--config.sampling.classes=(3,7)"],
       cwd=ROOT, env=env, check=True, timeout=300)
-  npz = os.path.join(workdir, "samples_step3000_ddim_10steps_w2.npz")
+  npz = os.path.join(workdir, "samples_step1500_ddim_10steps_w2.npz")
   with np.load(npz) as f:
     assert f["images"].shape == (30, 8, 8, 1) and f["uint8"].dtype == np.uint8
     np.testing.assert_array_equal(f["labels"], [3, 7] * 15)

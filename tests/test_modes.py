@@ -43,7 +43,7 @@ def test_sample_eval_export_read_neither_the_optimizer_state_nor_a_config(
                              *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, (mode, (result.stdout + result.stderr)[-3000:])
-    assert "step 3000" in result.stdout, result.stdout
-  assert os.path.isfile(tmp_path / "samples_step3000_heun_4steps_w2.npz")
-  assert os.path.isfile(tmp_path / "export" / "step3000.safetensors")
-  assert os.path.isfile(tmp_path / "eval_step3000_heun_4steps_w2_n8.json")
+    assert "step 1500" in result.stdout, result.stdout
+  assert os.path.isfile(tmp_path / "samples_step1500_heun_4steps_w2.npz")
+  assert os.path.isfile(tmp_path / "export" / "step1500.safetensors")
+  assert os.path.isfile(tmp_path / "eval_step1500_heun_4steps_w2_n8.json")
