@@ -27,6 +27,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 from kdiff_jax import console, schema
@@ -68,7 +69,12 @@ def _use_replica_parallel_across_processes_only() -> None:
   key as uint32 key data).
   """
   handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns of every override, this one too
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def ema_key(decay: float) -> str:

@@ -39,7 +39,8 @@ def conditional_accuracy(config, workdir, num_samples=500, seed=123):
 
 def test_demo_writes_checkpoints_events_and_grid(digits_fm_run):
   config, workdir = digits_fm_run
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == str(config.training.num_steps)
+  steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert max(steps) == config.training.num_steps
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert glob.glob(os.path.join(workdir, "samples", "step_*.png"))
 
