@@ -5,6 +5,7 @@ tests/released/ holds stand-ins with lumalabs/imm's layout (training.preconds.IM
 training.dit.DiT, EDM's torch_utils.persistence): a module pickled through them stores its
 module's source, which `pickle.load` executes. Here the stored source writes a file and raises.
 """
+import json
 import os
 import pickle
 import subprocess
@@ -183,7 +184,6 @@ def test_imported_songunet_pickle_samples_like_the_torch_module(preconds, tmp_pa
   config.export.output_dir = str(tmp_path / "export")
   checkpoints.init_workdir(config, str(tmp_path / "run"), net_params)
   paths = checkpoints.export_checkpoint(config, str(tmp_path / "run"))
-  import json
   with open(paths["json"]) as f:
     kwargs = json.load(f)["imm_precond"]
   reloaded = preconds.IMMPrecond(**kwargs).eval()
