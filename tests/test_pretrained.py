@@ -208,7 +208,6 @@ def test_imm_precond_state_dicts_go_both_ways(preconds, tmp_path):
   config.export.output_dir = str(out)
   checkpoints.init_workdir(config, str(workdir), from_pickle)
   paths = checkpoints.export_checkpoint(config, str(workdir))
-  import json
   with open(paths["json"]) as f:
     meta = json.load(f)
   reloaded = preconds.IMMPrecond(**meta["imm_precond"]).eval()
