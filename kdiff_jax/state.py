@@ -6,7 +6,7 @@
 
 The model is built abstractly (nnx.eval_shape): no parameter is allocated until it is placed
 straight into its shardings. `apply(net_params, x_t, t, labels, s=None, full_precision=False,
-dropout_rng=None)` runs the network functionally at the schedule's `network_time(t)` (t itself
+dropout_rng=None, **conditioning)` runs the network functionally at the schedule's `network_time(t)` (t itself
 except on DDPM's VP schedule, where the network sees DDPM's step index k at alphabar_k:
 schedules.VP.network_time); full_precision=True runs its float32 build
 whatever model.compute_dtype says (IMM's target pass); dropout_rng, given by the training passes
@@ -59,12 +59,13 @@ def build_model(config) -> Model:
 
   network_time = schedules.get(config.objective.schedule).network_time
 
-  def apply(net_params, x_t, t, labels, s=None, full_precision=False, dropout_rng=None):
+  def apply(net_params, x_t, t, labels, s=None, full_precision=False, dropout_rng=None,
+            **conditioning):
     net = nnx.merge(graphdef_f32 if full_precision else graphdef, net_params)
     t = network_time(t)
-    if dropout_rng is None:
-      return net(x_t, t, labels, s)
-    return net(x_t, t, labels, s, dropout_rng=dropout_rng)
+    if dropout_rng is not None:
+      conditioning["dropout_rng"] = dropout_rng
+    return net(x_t, t, labels, s, **conditioning)
 
   return Model(graphdef, abstract_net, logical_net, apply)
 
