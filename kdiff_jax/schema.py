@@ -58,6 +58,7 @@ def defaults() -> ml_collections.ConfigDict:
   model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
   model.remat = "none"            # none | full | dots
   model.scan_blocks = False       # one lax.scan over stacked blocks: compile time independent of depth
+  model.attention = "xla"         # dit, jit: xla (plain softmax; the only one jax.jvp goes through) | cudnn (GPU flash, bfloat16)
   model.mlp_width = 256           # model.name = mlp: hidden width
   model.mlp_depth = 3             # model.name = mlp: residual blocks
   model.dropout = 0.0             # unet: dropout in every residual block, training passes only

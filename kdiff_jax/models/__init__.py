@@ -20,6 +20,9 @@ ARCHITECTURES = {
 }
 MODELS = tuple(ARCHITECTURES)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Objectives that differentiate the network forward-mode (jax.jvp): a custom-VJP attention
+# kernel (model.attention='cudnn') has no JVP rule, so they need model.attention='xla'.
+JVP_OBJECTIVES = ("meanflow", "tvm")
 
 RULES = {
     "model.name": one_of(*MODELS),
@@ -32,6 +35,7 @@ RULES = {
     "model.compute_dtype": one_of(*COMPUTE_DTYPES),
     "model.remat": one_of(*layers.REMAT_POLICIES),
     "model.scan_blocks": boolean(),
+    "model.attention": one_of(*layers.ATTENTION_IMPLEMENTATIONS),
     "model.mlp_width": number(1, integer=True),
     "model.mlp_depth": number(0, integer=True),
     "model.dropout": number(0, 1, high_open=True),
@@ -59,6 +63,7 @@ def check(config) -> None:
   if model.name != "mlp" and flat:
     raise ValueError(f"model.name={model.name!r} takes images; data.name='toy2d' has flat "
                      "points: use model.name='mlp'")
+  check_attention(config)
   sizes, patch_sizes, _ = ARCHITECTURES[model.name]
   if sizes is None:
     return
@@ -78,6 +83,26 @@ def check(config) -> None:
                      "set model.second_time_embedder=False")
 
 
+def check_attention(config) -> None:
+  """model.attention='cudnn' needs a transformer (dit, jit), bfloat16 compute and an objective
+  without jax.jvp (cuDNN's kernel has a custom VJP and no JVP rule)."""
+  model = config.model
+  if model.attention == "xla":
+    return
+  if model.name not in ("dit", "jit"):
+    raise ValueError(f"model.attention={model.attention!r}: only model.name='dit' or 'jit' has "
+                     f"attention to set, not model.name={model.name!r}")
+  if model.compute_dtype != "bfloat16":
+    raise ValueError(f"model.attention={model.attention!r} runs in half precision only: set "
+                     f"model.compute_dtype='bfloat16' (not {model.compute_dtype!r}) or "
+                     "model.attention='xla'")
+  if config.objective.name in JVP_OBJECTIVES:
+    raise ValueError(f"model.attention={model.attention!r} cannot be used with "
+                     f"objective.name={config.objective.name!r}: it differentiates the network "
+                     "with jax.jvp, and cuDNN's attention has no JVP rule; set "
+                     "model.attention='xla'")
+
+
 def build(config, rngs: nnx.Rngs) -> nnx.Module:
   """The model of config.model.name, sized by config.model and config.data.
 
@@ -85,8 +110,11 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
   """
   if config.model.name not in ARCHITECTURES:
     raise ValueError(f"model.name={config.model.name!r}: allowed values are {list(MODELS)}")
-  return ARCHITECTURES[config.model.name][2](config, COMPUTE_DTYPES[config.model.compute_dtype],
-                                             rngs)
+  network = ARCHITECTURES[config.model.name][2](
+      config, COMPUTE_DTYPES[config.model.compute_dtype], rngs)
+  if config.model.name in ("dit", "jit"):
+    layers.set_attention(network, config.model.attention)
+  return network
 
 
 __all__ = ["DiT", "JiT", "MLP", "MODELS", "RULES", "SongUNet", "build", "check", "torch_name"]

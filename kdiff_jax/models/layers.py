@@ -75,6 +75,24 @@ def rms_norm(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32, axis_name: str
                      scale_init=partitioned(nnx.initializers.ones_init(), (axis_name,)), rngs=rngs)
 
 
+def rms_norm_without_affine(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.RMSNorm:
+  """torch nn.RMSNorm(features, elementwise_affine=False, eps=1e-6): x / sqrt(mean(x^2) + 1e-6),
+  no parameters, stats in float32 (TVM's DiT norms)."""
+  return nnx.RMSNorm(features, epsilon=1e-6, use_scale=False, use_fast_variance=False,
+                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+NORMS = {"layer_norm": layer_norm, "rms_norm": rms_norm_without_affine}
+
+
+def modulation_norm(modulation, chunks: int):
+  """TVM's do_mod_norm: each of the `chunks` equal parts of the adaLN output [B, chunks·D]
+  divided by its root mean square (eps 1e-6, no weight), in float32."""
+  parts = modulation.astype(jnp.float32).reshape(modulation.shape[:-1] + (chunks, -1))
+  parts = parts * jax.lax.rsqrt(jnp.mean(jnp.square(parts), axis=-1, keepdims=True) + 1e-6)
+  return parts.reshape(modulation.shape).astype(modulation.dtype)
+
+
 def modulate(x, shift, scale):
   """DiT `modulate`: x·(1 + scale) + shift; x [B, T, D], shift and scale [B, D]."""
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -203,17 +221,33 @@ def apply_rope(x, rope):
 
 # --- transformer pieces ----------------------------------------------------------------------
 
+# jax.nn.dot_product_attention's implementations a model may name (model.attention).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
 class Attention(nnx.Module):
   """timm Attention (qkv_bias=True): fused qkv [D, 3D] in (3, heads, head_dim) order.
 
   qk_norm (JiT): per-head RMSNorm of q and k (`q_norm`, `k_norm`); `rope` = rope_2d(...)
   rotates q and k after the norm.
+
+  `implementation` (config: model.attention; `set_attention` sets it on a built network) is
+  jax.nn.dot_product_attention's: 'xla' (plain softmax attention, logits and softmax in float32,
+  probabilities cast back to the compute dtype; differentiable both ways, so the only one a
+  jax.jvp can go through) or 'cudnn' (cuDNN's fused flash attention, NVIDIA GPUs only, half
+  precision only, a custom VJP and no JVP rule). With 'cudnn' a float32 pass (IMM's
+  full-precision target pass) still runs the XLA path, since cuDNN has no float32 kernel; on a
+  CPU or TPU 'cudnn' fails when the step is compiled.
   """
 
   def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               qk_norm: bool = False):
+               qk_norm: bool = False, implementation: str = "xla"):
     assert hidden_size % num_heads == 0, (hidden_size, num_heads)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation {implementation!r}: allowed values are "
+                       f"{list(ATTENTION_IMPLEMENTATIONS)}")
     self.num_heads = num_heads
+    self.implementation = implementation
     head_dim = hidden_size // num_heads
     self.q_norm = rms_norm(head_dim, axis_name=None, dtype=dtype, rngs=rngs) if qk_norm else None
     self.k_norm = rms_norm(head_dim, axis_name=None, dtype=dtype, rngs=rngs) if qk_norm else None
@@ -226,9 +260,21 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
-    # XLA path: logits and softmax in float32, probabilities cast back to the compute dtype.
-    out = jax.nn.dot_product_attention(q, k, v)
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = self.implementation if half else "xla"
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return self.proj(rearrange(out, "b t h d -> b t (h d)"))
+
+
+def set_attention(network: nnx.Module, implementation: str) -> nnx.Module:
+  """Every `Attention` of `network` (stacked blocks included) set to `implementation`."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={implementation!r}: allowed values are "
+                     f"{list(ATTENTION_IMPLEMENTATIONS)}")
+  for _, module in nnx.iter_graph(network):
+    if isinstance(module, Attention):
+      module.implementation = implementation
+  return network
 
 
 class Mlp(nnx.Module):
