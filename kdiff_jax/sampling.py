@@ -9,6 +9,8 @@
                                          on the raw output; k-Diff's k from the params being
                                          sampled
   imm.OneStepMap (IMM)                   pushforward or restart (samplers/imm.py), guidance on G
+  meanflow.AverageVelocity (MeanFlow)    mean_flow (samplers/mean_flow.py): z <- z - (t - r)·u,
+                                         guidance trained in
 
 One namespace: `sampling.method` and `sampling.grid` (grids.GRIDS) for every family, the method's
 and grid's options in `sampling.options`. A method the objective cannot use, an option the method
@@ -25,7 +27,8 @@ from kdiff_jax.samplers import grids, guidance
 from kdiff_jax.schema import boolean, interval, number, one_of, sequence
 
 # description type -> the methods that sample it
-FAMILIES = {objectives.Denoiser: samplers.METHODS, objectives.OneStepMap: samplers.imm.METHODS}
+FAMILIES = {objectives.Denoiser: samplers.METHODS, objectives.OneStepMap: samplers.imm.METHODS,
+            objectives.AverageVelocity: samplers.mean_flow.METHODS}
 ALL_METHODS = tuple(method for methods in FAMILIES.values() for method in methods)
 
 RULES = {
@@ -86,6 +89,8 @@ def _plan(config, description, options):
     times = grids.time_grid(description.schedule, s.num_steps, s.grid, t_start=s.t_start,
                             t_end=s.t_end, **options)
     return samplers.imm.plan(description.schedule, times, s.method, description.sigma_d)
+  if isinstance(description, objectives.AverageVelocity):
+    return time_grid(config, description)
   return samplers.plan(schedule=description.schedule, prediction=description.prediction,
                        method=s.method, num_steps=s.num_steps, grid=s.grid, t_start=s.t_start,
                        t_end=s.t_end, noise_std=description.noise_std, **options)
@@ -108,6 +113,15 @@ def build(config, description, apply_fn):
   options = samplers.configured_options(s.method, s.grid, s.options)
   guide = dict(null_label=config.data.num_classes, guidance_scale=s.guidance_scale,
                guidance_interval=tuple(s.guidance_interval))
+
+  if isinstance(description, objectives.AverageVelocity):
+    times = time_grid(config, description)
+
+    def sample(params, noise, labels, key):
+      del key  # deterministic
+      average_velocity = lambda z, t, r, y: description.velocity(apply_fn, params["net"], z, t, r, y)
+      return samplers.mean_flow.sample(average_velocity, noise, labels, times=times)
+    return sample
 
   if isinstance(description, objectives.OneStepMap):
     def sample(params, noise, labels, key):

@@ -66,7 +66,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow | imm | kdiff
+  objective.name = "flow"         # flow | imm | kdiff | meanflow
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
@@ -101,6 +101,18 @@ def defaults() -> ml_collections.ConfigDict:
   kdiff.k_init = 0.5              # learnable: k_init in (0, 1)
   kdiff.w_k_scale = 1.0           # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
   kdiff.time_dependent = False    # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
+  # objective.name = meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
+  # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
+  # model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1.
+  objective.meanflow = meanflow = ml_collections.ConfigDict()
+  meanflow.variant = "meanflow"   # meanflow
+  meanflow.share_r_equals_t = 0.75  # rows with r = t (no JVP term); a fraction n/m, m <= 64
+  meanflow.omega = 1.0            # guidance in training: v_g = omega·v + (1 - omega - kappa)·v_uncond
+  meanflow.kappa = 0.5            #   + kappa·v_cond (effective scale omega/(1 - kappa)); omega = 1,
+  meanflow.guidance_interval = (0.0, 1.0)  # kappa = 0: off; only for t in this interval
+  meanflow.adaptive_p = 1.0       # loss L/sg((L + c)^p); p = 0: plain squared error
+  meanflow.adaptive_c = 0.01
+  meanflow.full_batch_jvp = False  # True: the authors' step (guidance forwards and JVP on every row)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ trained network is, which `kdiff_jax.sampling` turns into a sampler:
   flow.Denoiser     flow matching and k-Diff: the raw output is a `prediction` (x, eps, v,
                     velocity, score, or u_k with k-Diff's k(params, t)) on a schedule
   imm.OneStepMap    IMM: f_{s,t}(x_t) = c_skip·x_t + c_out·G(c_in·x_t, t, s) on a schedule
+  meanflow.AverageVelocity  MeanFlow: u(z_t, r, t), one step z_r = z_t - (t - r)·u
 
 `describe(config)` gives the description from the config alone (the config check uses it to
 match sampler and objective). The network is reached only through
@@ -21,22 +22,23 @@ import dataclasses
 from typing import Any, Callable
 
 from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow, imm, kdiff
-from kdiff_jax.schema import boolean, number, one_of
+from kdiff_jax.objectives import flow, imm, kdiff, meanflow
+from kdiff_jax.schema import boolean, interval, number, one_of
 
 Denoiser = flow.Denoiser
 OneStepMap = imm.OneStepMap
+AverageVelocity = meanflow.AverageVelocity
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   loss: Callable[..., Any]
-  description: Denoiser | OneStepMap
+  description: Denoiser | OneStepMap | AverageVelocity
   extra_params: dict = dataclasses.field(default_factory=dict)
   group_size: int = 1
 
 
-MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff}
+MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff, "meanflow": meanflow}
 # The predictions a flow objective trains (u_k is k-Diff's, which sets it itself).
 FLOW_PREDICTIONS = tuple(p for p in parameterization.PREDICTIONS if p != "u_k")
 
@@ -69,6 +71,14 @@ RULES = {
     "objective.kdiff.k_init": number(0, 1),
     "objective.kdiff.w_k_scale": number(0, low_open=True),
     "objective.kdiff.time_dependent": boolean(),
+    "objective.meanflow.variant": one_of(*meanflow.VARIANTS),
+    "objective.meanflow.share_r_equals_t": number(0, 1),
+    "objective.meanflow.omega": number(0),
+    "objective.meanflow.kappa": number(0, 1, high_open=True),
+    "objective.meanflow.guidance_interval": interval(number(0, 1)),
+    "objective.meanflow.adaptive_p": number(0),
+    "objective.meanflow.adaptive_c": number(0, low_open=True),
+    "objective.meanflow.full_batch_jvp": boolean(),
 }
 
 
@@ -80,7 +90,7 @@ def check(config) -> None:
   MODULES[cfg.name].check(config)
 
 
-def describe(config) -> Denoiser | OneStepMap:
+def describe(config) -> Denoiser | OneStepMap | AverageVelocity:
   """What a network trained with config.objective is (see the module docstring)."""
   return MODULES[config.objective.name].describe(config)
 

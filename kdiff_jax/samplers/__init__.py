@@ -20,7 +20,8 @@ of steps, so `jax.jit(lambda noise, key: sample(...))` works. Grids: grids.GRIDS
   edm_heun        EDM Heun in x/alpha, sigma/alpha; S_churn, S_tmin, ...  2N - 1
   euler_maruyama  reverse SDE, Euler–Maruyama                             N
 
-IMM's few-step samplers (`imm.METHODS`: pushforward, restart) run on the same core and grids
+MeanFlow's `mean_flow` (samplers/mean_flow.py) steps the trained average velocity on the same
+grids. IMM's few-step samplers (`imm.METHODS`: pushforward, restart) run on the same core and grids
 with the trained one-step map instead of a denoiser (samplers/imm.py).
 """
 import inspect
@@ -36,6 +37,7 @@ from kdiff_jax.samplers import edm
 from kdiff_jax.samplers import grids
 from kdiff_jax.samplers import guidance
 from kdiff_jax.samplers import imm
+from kdiff_jax.samplers import mean_flow
 from kdiff_jax.samplers import ode
 from kdiff_jax.samplers import pndm
 from kdiff_jax.samplers import sde
@@ -57,7 +59,7 @@ _REGISTRY = {
 METHODS = tuple(_REGISTRY)
 
 __all__ = ["sample", "nfe", "plan", "time_grid", "configured_options", "option_defaults",
-           "METHODS", "GRIDS", "guidance", "imm"]
+           "METHODS", "GRIDS", "guidance", "imm", "mean_flow"]
 
 
 def _lookup(method):
@@ -79,8 +81,8 @@ def option_defaults() -> dict:
 
 
 def _method_reads(method) -> set:
-  """The options a method reads (IMM's methods read none)."""
-  if method in imm.METHODS:
+  """The options a method reads (IMM's and MeanFlow's methods read none)."""
+  if method in imm.METHODS + mean_flow.METHODS:
     return set()
   return set(inspect.signature(_lookup(method)[0]).parameters) - {"ctx"}
 
