@@ -6,7 +6,7 @@ needs:
   params      the raw weights {'net': ..., **the objective's extra params}
   ema         {decay: weights} for each of training.ema_decays (absent without EMA)
   opt_state   the optimizer's moments and counters (training only)
-  train       {'step', 'rng'}
+  train       {'step', 'rng'} and, for an objective with a teacher (TVM), {'teacher': weights}
   data        {'position': batches consumed} (JSON)
   config      the run's config (JSON)
 
@@ -86,6 +86,8 @@ def _state_items(state) -> dict:
   """The train state {step, params, opt_state, ema, rng} as the checkpoint's items."""
   items = {"params": state["params"], "opt_state": state["opt_state"],
            "train": {"step": state["step"], "rng": state["rng"]}}
+  if "teacher" in state:  # an objective's EMA teacher (objectives.Objective.teacher_decay)
+    items["train"]["teacher"] = state["teacher"]
   if state["ema"]:
     items["ema"] = state["ema"]
   return items
@@ -112,6 +114,8 @@ def restore(mngr, abstract_state, step=None):
   state = {"step": restored["train"]["step"], "rng": restored["train"]["rng"],
            "params": restored["params"], "opt_state": restored["opt_state"],
            "ema": restored["ema"] if abstract_state["ema"] else {}}
+  if "teacher" in abstract_state:
+    state["teacher"] = restored["train"]["teacher"]
   return state, restored["data"]["position"]
 
 

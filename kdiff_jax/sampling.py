@@ -9,6 +9,8 @@
                                          on the raw output; k-Diff's k from the params being
                                          sampled
   imm.OneStepMap (IMM)                   pushforward or restart (samplers/imm.py), guidance on G
+  tvm.TerminalVelocity (TVM)             tvm (samplers/tvm.py): x <- x + (s - t)·a·F(x, t, t - s, y,
+                                         beta = 1/sampling.guidance_scale), guidance trained in
   meanflow.AverageVelocity (MeanFlow)    mean_flow (samplers/mean_flow.py): z <- z - (t - r)·u,
                                          guidance trained in
 
@@ -29,6 +31,7 @@ from kdiff_jax.schema import boolean, interval, number, one_of, sequence
 # description type -> the methods that sample it
 FAMILIES = {objectives.Denoiser: samplers.METHODS, objectives.OneStepMap: samplers.imm.METHODS,
             objectives.AverageVelocity: samplers.mean_flow.METHODS}
+FAMILIES[objectives.TerminalVelocity] = samplers.tvm.METHODS
 ALL_METHODS = tuple(method for methods in FAMILIES.values() for method in methods)
 
 RULES = {
@@ -71,6 +74,13 @@ def check(config) -> None:
   if sampling.method not in allowed:
     raise ValueError(f"sampling.method={sampling.method!r}: objective.name="
                      f"{config.objective.name!r} samples with one of {list(allowed)}")
+  if isinstance(description, objectives.TerminalVelocity):
+    if not sampling.guidance_scale > 0:
+      raise ValueError(f"sampling.guidance_scale={sampling.guidance_scale}: TVM's network takes "
+                       "beta = 1/cfg, so the guidance scale (cfg) must be > 0")
+    if tuple(sampling.guidance_interval) != (0.0, 1.0):
+      raise ValueError(f"sampling.guidance_interval={tuple(sampling.guidance_interval)}: TVM's "
+                       "guidance is trained into every step; leave it at (0.0, 1.0)")
   if not sampling.t_end < sampling.t_start:
     raise ValueError(f"sampling.t_start={sampling.t_start}, sampling.t_end={sampling.t_end}: "
                      "sampling runs from t_start down to t_end, so t_end < t_start")
@@ -85,6 +95,8 @@ def check(config) -> None:
 def _plan(config, description, options):
   """The host-side plan of config.sampling for `description` (raises where it cannot run)."""
   s = config.sampling
+  if isinstance(description, objectives.TerminalVelocity):
+    return time_grid(config, description)
   if isinstance(description, objectives.OneStepMap):
     times = grids.time_grid(description.schedule, s.num_steps, s.grid, t_start=s.t_start,
                             t_end=s.t_end, **options)
@@ -121,6 +133,17 @@ def build(config, description, apply_fn):
       del key  # deterministic
       average_velocity = lambda z, t, r, y: description.velocity(apply_fn, params["net"], z, t, r, y)
       return samplers.mean_flow.sample(average_velocity, noise, labels, times=times)
+    return sample
+
+  if isinstance(description, objectives.TerminalVelocity):
+    times = time_grid(config, description)
+
+    def sample(params, noise, labels, key):
+      del key  # deterministic
+      network = lambda x, t, h, y, beta: description.network(apply_fn, params["net"], x, t, h, y,
+                                                             beta)
+      return samplers.tvm.sample(network, noise, labels, times=times, cfg=s.guidance_scale,
+                                 scale_output=description.scale_output)
     return sample
 
   if isinstance(description, objectives.OneStepMap):

@@ -63,10 +63,18 @@ def defaults() -> ml_collections.ConfigDict:
   model.mlp_depth = 3             # model.name = mlp: residual blocks
   model.dropout = 0.0             # unet: dropout in every residual block, training passes only
   model.class_conditional = True  # False: the network ignores labels (unet only: EDM's label_dim = 0)
+  # dit: TVM's options (models/dit.py), DiT's own by default
+  model.num_heads = 0             # attention heads; 0 = the size's (TVM's XL/2: 18)
+  model.norm = "layer_norm"       # layer_norm | rms_norm (both without affine)
+  model.qk_norm = False           # per-head RMSNorm of q and k
+  model.modulation_norm = False   # each adaLN chunk divided by its RMS (TVM's do_mod_norm)
+  model.guidance_embedder = False  # a learned embedding of the guidance input beta = 1/cfg (TVM)
+  model.init = "xavier_uniform"   # xavier_uniform (DiT) | spectral (TVM: normal / largest singular value)
+
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow | imm | kdiff | meanflow
+  objective.name = "flow"         # flow | imm | kdiff | meanflow | tvm
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
@@ -101,6 +109,21 @@ def defaults() -> ml_collections.ConfigDict:
   kdiff.k_init = 0.5              # learnable: k_init in (0, 1)
   kdiff.w_k_scale = 1.0           # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
   kdiff.time_dependent = False    # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
+  # objective.name = tvm (Terminal Velocity Matching, objectives/tvm.py): rectified flow, a DiT
+  # with model.second_time_embedder (h = t - s) and model.guidance_embedder (beta = 1/cfg);
+  # labels dropped with objective.label_dropout (those rows get beta = 1).
+  objective.tvm = tvm = ml_collections.ConfigDict()
+  tvm.gap_mean = -0.8             # gap l = t - s: sigmoid(N(gap_mean, gap_std))
+  tvm.gap_std = 1.0
+  tvm.s_mean = -0.4               # s: logit-normal N(s_mean, s_std) truncated to s <= 1 - l; s' untruncated
+  tvm.s_std = 1.0
+  tvm.cfg_draw = "fixed"          # beta = 1/cfg: fixed (cfg) | range (1/U[min_cfg, max_cfg]) | uniform (U(0, 1])
+  tvm.cfg = 2.0
+  tvm.min_cfg = 1.0
+  tvm.max_cfg = 4.0
+  tvm.scale_output = True         # output scale a = 1/beta (the official do_scale_param); False: a = 1
+  tvm.teacher_decay = 0.99        # the teacher: an EMA of the online weights (not training.ema_decays)
+
   # objective.name = meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
   # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
   # model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1.

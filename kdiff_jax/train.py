@@ -14,7 +14,10 @@ non-finite, or with training.on_nonfinite='rollback_skip' restores the newest ch
 skips every batch since it.
 
 The train state is a plain pytree {step, params, opt_state, ema, rng}; params = {'net': the
-model's parameters as a pure dict, **the objective's extra parameters}. The step's randomness is
+model's parameters as a pure dict, **the objective's extra parameters}. An objective with a
+`teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
+updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
+loss as `teacher=`. The step's randomness is
 fold_in(rng, step): a resumed run draws exactly what a straight run does. Nothing here knows a
 particular objective, the VAE or Inception: sample grids and FID are actions of actions.py.
 """
@@ -89,6 +92,9 @@ def setup(config, devices=None) -> Setup:
   abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": weights.abstract,
                     "opt_state": abstract_opt, "ema": {key: weights.abstract for key in emas},
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  if weights.objective.teacher_decay is not None:   # the objective's EMA teacher (TVM)
+    state_shardings["teacher"] = weights.shardings
+    abstract_state["teacher"] = weights.abstract
   abstract_state = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
   s = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings)
   _check_per_step_metrics(s)
@@ -124,6 +130,7 @@ def init_state(s: Setup):
         "opt_state": s.optimizer.init(params),
         "ema": {checkpoint.ema_key(d): params for d in config.training.ema_decays},
         "rng": jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32),
+        **({"teacher": params} if s.objective.teacher_decay is not None else {}),
     }
 
   with nnx.use_eager_sharding(False), jax.set_mesh(s.mesh):
@@ -137,7 +144,8 @@ def make_train_step(s: Setup):
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     grad_fn = jax.value_and_grad(s.objective.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+    teacher = {"teacher": state["teacher"]} if "teacher" in state else {}
+    (loss, metrics), grads = grad_fn(state["params"], batch, rng, **teacher)
     updates, opt_state = s.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = {checkpoint.ema_key(d): jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p,
@@ -148,6 +156,10 @@ def make_train_step(s: Setup):
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                actions.FIRST_NONFINITE_GRADIENT: first_nonfinite}
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
+    if "teacher" in state:   # teacher <- lerp toward the updated weights, every step
+      d = s.objective.teacher_decay
+      new_state["teacher"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["teacher"],
+                                          params)
     return new_state, metrics
 
   batch_sharding = parallel.batch_sharding(s.mesh, s.config.mesh.rules)

@@ -72,7 +72,7 @@ CASES = [
     ("flow", {"model.name": "mlp"}, r"model.name='mlp' takes flat points: data.name must be 'toy2d'"),
     ("flow", {"data.name": "toy2d", "data.channels": 2}, r"model.name='dit' takes images; data.name='toy2d' has flat points"),
     # --- objective (all three)
-    ("flow", {"objective.name": "ddpm"}, r"objective.name='ddpm': must be one of \['flow', 'imm', 'kdiff'\]"),
+    ("flow", {"objective.name": "ddpm"}, r"objective.name='ddpm': must be one of \['flow', 'imm', 'kdiff', "),
     ("flow", {"objective.schedule": "edm"}, r"objective.schedule='edm': must be one of \['rectified_flow', 'cosine', 'vp'\]"),
     ("flow", {"objective.prediction": "u_k"}, r"objective.prediction='u_k': must be one of \['eps', 'x', 'v', 'velocity', 'score'\]"),
     ("flow", {"objective.loss_target": "noise"}, r"objective.loss_target='noise': must be one of"),

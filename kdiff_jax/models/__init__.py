@@ -40,6 +40,12 @@ RULES = {
     "model.mlp_depth": number(0, integer=True),
     "model.dropout": number(0, 1, high_open=True),
     "model.class_conditional": boolean(),
+    "model.num_heads": number(0, integer=True),
+    "model.norm": one_of(*layers.NORMS),
+    "model.qk_norm": boolean(),
+    "model.modulation_norm": boolean(),
+    "model.guidance_embedder": boolean(),
+    "model.init": one_of(*dit.INITS),
 }
 
 
@@ -64,6 +70,7 @@ def check(config) -> None:
     raise ValueError(f"model.name={model.name!r} takes images; data.name='toy2d' has flat "
                      "points: use model.name='mlp'")
   check_attention(config)
+  check_dit_options(config)
   sizes, patch_sizes, _ = ARCHITECTURES[model.name]
   if sizes is None:
     return
@@ -101,6 +108,28 @@ def check_attention(config) -> None:
                      f"objective.name={config.objective.name!r}: it differentiates the network "
                      "with jax.jvp, and cuDNN's attention has no JVP rule; set "
                      "model.attention='xla'")
+
+
+# The DiT-only fields (TVM's options) with their defaults: another network refuses a change.
+DIT_OPTIONS = {"model.num_heads": 0, "model.norm": "layer_norm", "model.qk_norm": False,
+               "model.modulation_norm": False, "model.guidance_embedder": False,
+               "model.init": "xavier_uniform"}
+
+
+def check_dit_options(config) -> None:
+  """TVM's DiT options are set on a DiT only, and num_heads divides the hidden size."""
+  model = config.model
+  if model.name != "dit":
+    for path, default in DIT_OPTIONS.items():
+      value = model[path.split(".")[1]]
+      if value != default:
+        raise ValueError(f"{path}={value!r}: only model.name='dit' has this option (leave it "
+                         f"at {default!r} for model.name={model.name!r})")
+    return
+  hidden_size = dit.SIZES[model.size][1] if model.size in dit.SIZES else None
+  if model.num_heads and hidden_size and hidden_size % model.num_heads:
+    raise ValueError(f"model.num_heads={model.num_heads} must divide the hidden size "
+                     f"{hidden_size} of model.size={model.size!r}")
 
 
 def build(config, rngs: nnx.Rngs) -> nnx.Module:

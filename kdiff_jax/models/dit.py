@@ -5,8 +5,16 @@ channels), NHWC images, time t in [0, 1] (the embedder sees time_scale·t) and a
 time embedder `s_embedder` (IMM's s or t - s) whose output is added to the conditioning:
 
   c = t_embedder(time_scale·t) + y_embedder(y) [+ s_embedder(time_scale·s)]
+      [+ guidance_embedder(time_scale·beta)]
   x = x_embedder(x) + pos_embed;  x = block(x, c) for each block
   out = unpatchify(final_layer(x, c))
+
+TVM's options (lumalabs/tvm `training/dit.py`), all off by default: norm='rms_norm' (RMSNorm
+without affine in place of DiT's LayerNorm), qk_norm (per-head RMSNorm of q and k, with a
+weight), modulation_norm (do_mod_norm: each adaLN chunk divided by its RMS), a guidance embedder
+(a TimestepEmbedder of the guidance input beta = 1/cfg, added to c), init='spectral' (every
+Linear and the patch conv xavier-normal divided by its largest singular value; the zero-initialised
+adaLN and output layers and the label table as DiT), and num_heads (TVM's XL/2 has 18 heads).
 
 Attribute names are DiT's, so a flattened parameter path maps onto the torch state_dict key with
 `torch_name` (a rename), and the value by a transpose: Linear kernel [in, out] -> weight.T;
@@ -30,6 +38,7 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (1, 2, 4, 8)
+INITS = ("xavier_uniform", "spectral")
 
 
 class DiTBlock(nnx.Module):
@@ -40,7 +49,9 @@ class DiTBlock(nnx.Module):
   """
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, norm=layers.layer_norm, mlp=layers.Mlp, qk_norm: bool = False):
+               dtype=jnp.float32, norm=layers.layer_norm, mlp=layers.Mlp, qk_norm: bool = False,
+               modulation_norm: bool = False):
+    self.modulation_norm = modulation_norm
     self.norm1 = norm(hidden_size, dtype=dtype, rngs=rngs)
     self.attn = layers.Attention(hidden_size, num_heads, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
     self.norm2 = norm(hidden_size, dtype=dtype, rngs=rngs)
@@ -56,6 +67,8 @@ class DiTBlock(nnx.Module):
     modulation = c
     for layer in self.adaLN_modulation:
       modulation = layer(modulation)
+    if self.modulation_norm:
+      modulation = layers.modulation_norm(modulation, 6)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
     x = x + gate_msa[:, None] * self.attn(layers.modulate(self.norm1(x), shift_msa, scale_msa),
                                           rope)
@@ -67,7 +80,8 @@ class FinalLayer(nnx.Module):
   """linear(modulate(norm_final(x), shift, scale)) -> p·p·C per token; zero-initialised."""
 
   def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, norm=layers.layer_norm):
+               dtype=jnp.float32, norm=layers.layer_norm, modulation_norm: bool = False):
+    self.modulation_norm = modulation_norm
     self.norm_final = norm(hidden_size, dtype=dtype, rngs=rngs)
     self.linear = layers.linear(hidden_size, patch_size * patch_size * out_channels,
                                 ("embed", None), kernel_init=layers.zeros, dtype=dtype, rngs=rngs)
@@ -81,6 +95,8 @@ class FinalLayer(nnx.Module):
     modulation = c
     for layer in self.adaLN_modulation:
       modulation = layer(modulation)
+    if self.modulation_norm:
+      modulation = layers.modulation_norm(modulation, 2)
     shift, scale = jnp.split(modulation, 2, -1)
     return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
@@ -111,7 +127,13 @@ class DiT(nnx.Module):
   def __init__(self, *, input_size: int, in_channels: int, patch_size: int, hidden_size: int,
                depth: int, num_heads: int, mlp_ratio: float, num_classes: int,
                second_time_embedder: bool, time_scale: float = 1000.0, dtype=jnp.float32,
-               remat: str = "none", scan_blocks: bool = False, rngs: nnx.Rngs):
+               remat: str = "none", scan_blocks: bool = False, norm: str = "layer_norm",
+               qk_norm: bool = False, modulation_norm: bool = False,
+               guidance_embedder: bool = False, init: str = "xavier_uniform", rngs: nnx.Rngs):
+    if norm not in layers.NORMS:
+      raise ValueError(f"model.norm={norm!r}: allowed values are {list(layers.NORMS)}")
+    if init not in INITS:
+      raise ValueError(f"model.init={init!r}: allowed values are {list(INITS)}")
     set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
                             patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads,
                             num_classes=num_classes, time_scale=time_scale, dtype=dtype,
@@ -122,11 +144,17 @@ class DiT(nnx.Module):
     self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
     self.s_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
                        if second_time_embedder else None)
+    self.guidance_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
+                              if guidance_embedder else None)
+    norm_layer = layers.NORMS[norm]
     self.blocks = layers.blocks(
-        lambda rngs: DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, rngs=rngs), depth,
-        rngs, scan=scan_blocks)
+        lambda rngs: DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, rngs=rngs,
+                              norm=norm_layer, qk_norm=qk_norm, modulation_norm=modulation_norm),
+        depth, rngs, scan=scan_blocks)
     self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, norm=norm_layer, modulation_norm=modulation_norm)
+    if init == "spectral":
+      spectral_init(self, rngs)
 
   @property
   def second_time_embedder(self) -> bool:
@@ -136,8 +164,12 @@ class DiT(nnx.Module):
     """The fixed [T, D] 2-D sin-cos position embedding (a numpy constant, not a parameter)."""
     return layers.get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
 
-  def conditioning(self, t, y, s=None):
-    """c = t_emb(time_scale·t) + y_emb(y) [+ s_emb(time_scale·s)], float32 [B, D]."""
+  def conditioning(self, t, y, s=None, guidance=None):
+    """c = t_emb(time_scale·t) + y_emb(y) [+ s_emb(time_scale·s)] [+ guidance_emb(time_scale·
+    guidance)], float32 [B, D]."""
+    if (self.guidance_embedder is None) != (guidance is None):
+      raise ValueError("a DiT with a guidance embedder (model.guidance_embedder=True) takes "
+                       "guidance=beta, one without takes none")
     if self.second_time_embedder and s is None:
       raise ValueError("this DiT has a second time embedder (second_time_embedder=True): "
                        "pass s (e.g. IMM's s or t - s)")
@@ -148,16 +180,44 @@ class DiT(nnx.Module):
     c = c + self.y_embedder(y)
     if s is not None:
       c = c + self.s_embedder(self.time_scale * jnp.asarray(s, jnp.float32))
+    if guidance is not None:
+      c = c + self.guidance_embedder(self.time_scale * jnp.asarray(guidance, jnp.float32))
     return c
 
-  def __call__(self, x, t, y, s=None):
-    c = parallel.constrain_batch(self.conditioning(t, y, s))
+  def __call__(self, x, t, y, s=None, guidance=None):
+    c = parallel.constrain_batch(self.conditioning(t, y, s, guidance))
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
     x = layers.run_blocks(self.blocks, x, c, policy=self._remat_policy, use_remat=self._use_remat)
     x = self.final_layer(x, c)
     x = layers.unpatchify(x, self.patch_size, self.out_channels)
     return x.astype(jnp.float32)
+
+
+def spectral_normal(key, shape, dtype=jnp.float32):
+  """A normal matrix [fan_in, fan_out] (the last dim is fan_out, the others fan_in) divided by its
+  largest singular value: TVM's init_type='spectral' (its xavier_normal scale cancels in the
+  division)."""
+  w = jax.random.normal(key, shape, jnp.float32)
+  return (w / jnp.linalg.norm(w.reshape(-1, shape[-1]), ord=2)).astype(dtype)
+
+
+def spectral_init(dit: "DiT", rngs: nnx.Rngs) -> None:
+  """Re-draw every kernel of `dit` with `spectral_normal` except the zero-initialised ones (adaLN
+  modulations, the final linear) and the label table (TVM's initialize_weights, time_specinit)."""
+  for path, module in nnx.iter_graph(dit):
+    if not isinstance(module, (nnx.Linear, nnx.Conv)):
+      continue
+    names = [str(p) for p in path]
+    if "adaLN_modulation" in names or names[-2:] == ["final_layer", "linear"]:
+      continue
+    kernel = module.kernel
+    shape = kernel.value.shape
+    if names[0] == "blocks" and dit.scan_blocks:   # [depth, in, out]: one matrix per block
+      keys = jax.random.split(rngs.params(), shape[0])
+      kernel.value = jax.vmap(lambda k: spectral_normal(k, shape[1:]))(keys)
+    else:
+      kernel.value = spectral_normal(rngs.params(), shape)
 
 
 _TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
@@ -187,9 +247,12 @@ def dit_from_config(config, dtype, rngs: nnx.Rngs) -> DiT:
   depth, hidden_size, num_heads = SIZES[model.size]
   return DiT(input_size=config.data.image_size, in_channels=config.data.channels,
              patch_size=model.patch_size, hidden_size=hidden_size, depth=depth,
-             num_heads=num_heads, mlp_ratio=model.mlp_ratio, num_classes=config.data.num_classes,
+             num_heads=model.num_heads or num_heads, mlp_ratio=model.mlp_ratio,
+             num_classes=config.data.num_classes,
              second_time_embedder=model.second_time_embedder, time_scale=model.time_scale,
-             dtype=dtype, remat=model.remat, scan_blocks=model.scan_blocks, rngs=rngs)
+             dtype=dtype, remat=model.remat, scan_blocks=model.scan_blocks, norm=model.norm,
+             qk_norm=model.qk_norm, modulation_norm=model.modulation_norm,
+             guidance_embedder=model.guidance_embedder, init=model.init, rngs=rngs)
 
 
 def forward_macs(*, input_size: int, in_channels: int, patch_size: int, hidden_size: int,

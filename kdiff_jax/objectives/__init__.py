@@ -12,6 +12,11 @@ trained network is, which `kdiff_jax.sampling` turns into a sampler:
                     velocity, score, or u_k with k-Diff's k(params, t)) on a schedule
   imm.OneStepMap    IMM: f_{s,t}(x_t) = c_skip·x_t + c_out·G(c_in·x_t, t, s) on a schedule
   meanflow.AverageVelocity  MeanFlow: u(z_t, r, t), one step z_r = z_t - (t - r)·u
+  tvm.TerminalVelocity  TVM: f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg)
+
+An objective with a `teacher_decay` (TVM) trains against a teacher, an EMA of the online weights
+with that decay that the trainer keeps in the train state (`state['teacher']`, updated every
+step, checkpointed) and hands to the loss: `loss(params, batch, rng, teacher=...)`.
 
 `describe(config)` gives the description from the config alone (the config check uses it to
 match sampler and objective). The network is reached only through
@@ -22,23 +27,25 @@ import dataclasses
 from typing import Any, Callable
 
 from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow, imm, kdiff, meanflow
+from kdiff_jax.objectives import flow, imm, kdiff, meanflow, tvm
 from kdiff_jax.schema import boolean, interval, number, one_of
 
 Denoiser = flow.Denoiser
 OneStepMap = imm.OneStepMap
+TerminalVelocity = tvm.TerminalVelocity
 AverageVelocity = meanflow.AverageVelocity
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   loss: Callable[..., Any]
-  description: Denoiser | OneStepMap | AverageVelocity
+  description: Denoiser | OneStepMap | AverageVelocity | TerminalVelocity
   extra_params: dict = dataclasses.field(default_factory=dict)
   group_size: int = 1
+  teacher_decay: float | None = None   # an EMA teacher of the online weights (module docstring)
 
 
-MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff, "meanflow": meanflow}
+MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff, "meanflow": meanflow, "tvm": tvm}
 # The predictions a flow objective trains (u_k is k-Diff's, which sets it itself).
 FLOW_PREDICTIONS = tuple(p for p in parameterization.PREDICTIONS if p != "u_k")
 
@@ -79,6 +86,16 @@ RULES = {
     "objective.meanflow.adaptive_p": number(0),
     "objective.meanflow.adaptive_c": number(0, low_open=True),
     "objective.meanflow.full_batch_jvp": boolean(),
+    "objective.tvm.gap_mean": number(),
+    "objective.tvm.gap_std": number(0, low_open=True),
+    "objective.tvm.s_mean": number(),
+    "objective.tvm.s_std": number(0, low_open=True),
+    "objective.tvm.cfg_draw": one_of(*tvm.CFG_DRAWS),
+    "objective.tvm.cfg": number(0, low_open=True),
+    "objective.tvm.min_cfg": number(0, low_open=True),
+    "objective.tvm.max_cfg": number(0, low_open=True),
+    "objective.tvm.scale_output": boolean(),
+    "objective.tvm.teacher_decay": number(0, 1, high_open=True),
 }
 
 
@@ -90,7 +107,7 @@ def check(config) -> None:
   MODULES[cfg.name].check(config)
 
 
-def describe(config) -> Denoiser | OneStepMap | AverageVelocity:
+def describe(config) -> Denoiser | OneStepMap | AverageVelocity | TerminalVelocity:
   """What a network trained with config.objective is (see the module docstring)."""
   return MODULES[config.objective.name].describe(config)
 

@@ -41,6 +41,7 @@ from kdiff_jax.samplers import mean_flow
 from kdiff_jax.samplers import ode
 from kdiff_jax.samplers import pndm
 from kdiff_jax.samplers import sde
+from kdiff_jax.samplers import tvm
 from kdiff_jax.samplers.grids import GRIDS, time_grid
 
 # name -> (plan builder(ctx, **options), nfe(num_steps, final_sigma_zero))
@@ -83,6 +84,8 @@ def option_defaults() -> dict:
 def _method_reads(method) -> set:
   """The options a method reads (IMM's and MeanFlow's methods read none)."""
   if method in imm.METHODS + mean_flow.METHODS:
+    return set()
+  if method in tvm.METHODS:   # TVM's reads none either
     return set()
   return set(inspect.signature(_lookup(method)[0]).parameters) - {"ctx"}
 

@@ -1,0 +1,197 @@
+"""Terminal Velocity Matching (Zhou, Song et al., Luma AI; lumalabs/tvm `training/loss.py`,
+`training/wrapper.py`): a one- to few-step generator, IMM's successor, trained from scratch.
+
+On rectified flow (t = 0 data, t = 1 noise; x data, e ~ N(0, I)) the network F(x, t, h, y, beta)
+takes the time t, the stride h = t - s to the terminal time s < t, the label and the guidance
+input beta = 1/cfg, and defines the map and its s-derivative
+
+  f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s)
+  df/ds      = a·(F + (s - t)·dF/ds),    dF/ds = jvp of s -> F(x, t, t - s) along ds = 1
+
+(the official code takes the JVP of (x, t, s) -> F with tangents (0, 0, 1); a JVP in s alone is
+the same derivative). w = 1/beta is the CFG weight of the flow-matching target, always; the output
+scale a is w with `scale_output` (the official do_scale_param, on for im256_w2), else 1. Per
+example, with y_t = (1 - t)·x + t·e, y_s' = (1 - s')·x + s'·e and the teacher T (an EMA of the
+online weights, decay `teacher_decay`):
+
+  terminal = mean((beta·(df/ds - a·T(f_{s,t}(y_t), s, h = 0, y, beta)))^2), 0 where s ~= t
+  fm       = mean((beta·(a·F(y_s', s', h = 0, y, beta) - v))^2),
+             v = w·(e - x) + (1 - w)·T(y_s', s', h = 0, null, 1)
+  loss     = mean over examples of terminal + fm
+
+The teacher's two evaluations are one pass on the doubled batch and a constant for the gradient
+(the official code runs it under no_grad: its input f_{s,t}(y_t) carries no gradient either). The
+gradient of df/ds flows through the JVP (reverse over forward; the official detach_jvp = False).
+
+Draws per example (`sample_draws`): the gap l = sigmoid(N(gap_mean, gap_std)); s logit-normal
+N(s_mean, s_std) truncated to s <= 1 - l by the inverse CDF of that normal; t = min(s + l, 1);
+s' = sigmoid(N(s_mean, s_std)) independently; beta = 1/cfg (fixed), 1/U[min_cfg, max_cfg]
+(range) or U(0, 1] (uniform); labels replaced by the null label with probability
+objective.label_dropout, and those rows get beta = 1.
+
+The official loss replaces NaN losses by 0; here a non-finite loss stops the run (or rolls back)
+as for every objective. The trained network is a `TerminalVelocity`, sampled by samplers/tvm.py.
+"""
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtr, ndtri
+
+from kdiff_jax import parameterization, schedules
+
+CFG_DRAWS = ("fixed", "range", "uniform")
+
+
+class Draws(NamedTuple):
+  """One batch's randomness, each [B] except noise (x's shape); labels already dropped."""
+  gap: jax.Array        # l
+  s: jax.Array          # terminal time, s <= 1 - l
+  t: jax.Array          # min(s + l, 1)
+  s_prime: jax.Array    # the flow-matching time s'
+  beta: jax.Array       # 1/cfg, 1 on dropped rows
+  noise: jax.Array      # e
+  labels: jax.Array     # the online (and teacher's conditional) labels, null where dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class TerminalVelocity:
+  """The trained TVM network as the map f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta).
+
+  Sampling with cfg feeds beta = 1/cfg and, with `scale_output`, a = cfg.
+  """
+
+  schedule: schedules.Schedule
+  scale_output: bool
+
+  def network(self, apply_fn, net_params, x_t, t, h, labels, beta):
+    """F(x_t, t, h = t - s, labels, beta), float32; t, h, beta: [B]."""
+    return apply_fn(net_params, x_t, t, labels, h, guidance=beta).astype(jnp.float32)
+
+  def output_scale(self, beta):
+    """a = 1/beta with scale_output, else 1."""
+    return 1.0 / beta if self.scale_output else jnp.ones_like(beta)
+
+  def map(self, x_t, output, s, t, beta):
+    """f_{s,t}(x_t) = x_t + (s - t)·a·F."""
+    b = lambda v: parameterization.broadcast_time(v, x_t)
+    return x_t + b((s - t) * self.output_scale(beta)) * output
+
+
+def truncated_logit_normal(u, upper_logit, mean, std):
+  """sigmoid(Phi^-1(u·Phi(upper_logit))), Phi the CDF of N(mean, std): a logit-normal draw
+  conditioned on logit <= upper_logit (u ~ U[0, 1])."""
+  return jax.nn.sigmoid(mean + std * ndtri(u * ndtr((upper_logit - mean) / std)))
+
+
+def draw_beta(rng, batch_size, tvm):
+  """beta = 1/cfg: fixed, 1/U[min_cfg, max_cfg] or U(0, 1]."""
+  if tvm.cfg_draw == "fixed":
+    return jnp.full((batch_size,), 1.0 / tvm.cfg, jnp.float32)
+  u = jax.random.uniform(rng, (batch_size,), jnp.float32)
+  if tvm.cfg_draw == "range":
+    return 1.0 / (tvm.min_cfg + (tvm.max_cfg - tvm.min_cfg) * u)
+  if tvm.cfg_draw == "uniform":
+    return 1.0 - u   # (0, 1]: beta = 0 would make w = 1/beta infinite
+  raise ValueError(f"objective.tvm.cfg_draw={tvm.cfg_draw!r}: allowed values are {list(CFG_DRAWS)}")
+
+
+def sample_draws(rng, x, labels, objective_config, null_label) -> Draws:
+  """The draws of one batch (module docstring). logit(1 - l) = -logit(l), taken exactly."""
+  tvm = objective_config.tvm
+  batch = x.shape[0]
+  rng_gap, rng_u, rng_sp, rng_beta, rng_e, rng_y = jax.random.split(rng, 6)
+  gap_logit = tvm.gap_mean + tvm.gap_std * jax.random.normal(rng_gap, (batch,), jnp.float32)
+  gap = jax.nn.sigmoid(gap_logit)
+  u = jax.random.uniform(rng_u, (batch,), jnp.float32)
+  s = jnp.minimum(truncated_logit_normal(u, -gap_logit, tvm.s_mean, tvm.s_std), 1.0 - gap)
+  t = jnp.minimum(s + gap, 1.0)
+  s_prime = jax.nn.sigmoid(tvm.s_mean + tvm.s_std *
+                           jax.random.normal(rng_sp, (batch,), jnp.float32))
+  drop = jax.random.bernoulli(rng_y, objective_config.label_dropout, (batch,))
+  beta = jnp.where(drop, 1.0, draw_beta(rng_beta, batch, tvm))
+  noise = jax.random.normal(rng_e, x.shape, jnp.float32)
+  return Draws(gap, s, t, s_prime, beta, noise, jnp.where(drop, null_label, labels))
+
+
+def per_example_losses(apply_fn, net_params, teacher_params, x, draws: Draws, *, scale_output,
+                       null_label):
+  """(terminal + fm, terminal, fm), each [B], from explicit draws (module docstring).
+
+  apply_fn(params, x_t, t, labels, h, guidance=beta) is the network F; teacher_params the
+  teacher's weights (its outputs are constants for the gradient).
+  """
+  s, t, s_prime, beta, e = draws.s, draws.t, draws.s_prime, draws.beta, draws.noise
+  labels = draws.labels
+  b = lambda v: parameterization.broadcast_time(v, x)
+  network = lambda params, x_in, time, h, y, guidance: apply_fn(
+      params, x_in, time, y, h, guidance=guidance).astype(jnp.float32)
+  w = 1.0 / beta
+  a = w if scale_output else jnp.ones_like(beta)
+  y_t = b(1.0 - t) * x + b(t) * e
+  y_s_prime = b(1.0 - s_prime) * x + b(s_prime) * e
+
+  # F(y_t, t, t - s) and dF/ds: forward-mode in s, differentiated in reverse by the caller.
+  F_ts, dF_ds = jax.jvp(lambda s_: network(net_params, y_t, t, t - s_, labels, beta),
+                        (s,), (jnp.ones_like(s),))
+  f_st = y_t + b((s - t) * a) * F_ts
+  df_ds = b(a) * (F_ts + b(s - t) * dF_ds)
+
+  zeros = jnp.zeros_like(s)
+  teacher = jax.lax.stop_gradient(network(
+      teacher_params, jnp.concatenate([f_st, y_s_prime]), jnp.concatenate([s, s_prime]),
+      jnp.concatenate([zeros, zeros]),
+      jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
+      jnp.concatenate([beta, jnp.ones_like(beta)])))
+  F_teacher, F_teacher_uncond = jnp.split(teacher, 2)
+  F_s_prime = network(net_params, y_s_prime, s_prime, zeros, labels, beta)
+
+  mean = lambda v: jnp.mean(v, axis=tuple(range(1, v.ndim)))
+  # torch.isclose(s, t) with its defaults: the terminal loss is 0 where s ~= t.
+  distinct = jnp.abs(s - t) > 1e-8 + 1e-5 * jnp.abs(t)
+  terminal = jnp.where(distinct, mean(jnp.square(b(beta) * (df_ds - b(a) * F_teacher))), 0.0)
+  v_target = b(w) * (e - x) + b(1.0 - w) * F_teacher_uncond
+  fm = mean(jnp.square(b(beta) * (b(a) * F_s_prime - v_target)))
+  return terminal + fm, terminal, fm
+
+
+def check(config) -> None:
+  """Fail before compiling on settings TVM cannot train with (choices: objectives.RULES)."""
+  cfg, model = config.objective, config.model
+  if cfg.schedule != "rectified_flow":
+    raise ValueError(f"objective.schedule={cfg.schedule!r}: TVM's map x + (s - t)·a·F is on the "
+                     "rectified-flow interpolant: set objective.schedule='rectified_flow'")
+  if cfg.noise_std != 1.0:
+    raise ValueError(f"objective.noise_std={cfg.noise_std}: TVM draws e ~ N(0, I): set 1.0")
+  if model.name != "dit" or not model.second_time_embedder or not model.guidance_embedder:
+    raise ValueError("objective.name='tvm' conditions a DiT on t, on h = t - s and on "
+                     "beta = 1/cfg: set model.name='dit', model.second_time_embedder=True and "
+                     "model.guidance_embedder=True")
+  if cfg.tvm.cfg_draw == "range" and not cfg.tvm.min_cfg <= cfg.tvm.max_cfg:
+    raise ValueError(f"objective.tvm.min_cfg={cfg.tvm.min_cfg} must be <= "
+                     f"objective.tvm.max_cfg={cfg.tvm.max_cfg}")
+
+
+def describe(config) -> TerminalVelocity:
+  return TerminalVelocity(schedules.get(config.objective.schedule),
+                          config.objective.tvm.scale_output)
+
+
+def build(config, apply_fn):
+  check(config)
+  cfg = config.objective
+  null_label = config.data.num_classes
+
+  def loss(params, batch, rng, teacher=None):
+    """teacher: the teacher's weights (the train state's 'teacher'); None: the online weights
+    themselves, the teacher at step 0 (shape-only callers)."""
+    teacher = params if teacher is None else teacher
+    draws = sample_draws(rng, batch["image"], batch["label"], cfg, null_label)
+    total, terminal, fm = per_example_losses(
+        apply_fn, params["net"], teacher["net"], batch["image"], draws,
+        scale_output=cfg.tvm.scale_output, null_label=null_label)
+    value = jnp.mean(total)
+    return value, {"loss": value, "terminal": jnp.mean(terminal), "fm": jnp.mean(fm)}
+
+  return dict(loss=loss, description=describe(config), teacher_decay=cfg.tvm.teacher_decay)
