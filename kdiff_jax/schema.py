@@ -123,6 +123,7 @@ def defaults() -> ml_collections.ConfigDict:
   tvm.max_cfg = 4.0
   tvm.scale_output = True         # output scale a = 1/beta (the official do_scale_param); False: a = 1
   tvm.teacher_decay = 0.99        # the teacher: an EMA of the online weights (not training.ema_decays)
+  tvm.detach_jvp = False          # True: no gradient through dF/ds (the official option; off in its configs)
 
   # objective.name = meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
   # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs

@@ -96,6 +96,7 @@ RULES = {
     "objective.tvm.max_cfg": number(0, low_open=True),
     "objective.tvm.scale_output": boolean(),
     "objective.tvm.teacher_decay": number(0, 1, high_open=True),
+    "objective.tvm.detach_jvp": boolean(),
 }
 
 

@@ -21,7 +21,8 @@ online weights, decay `teacher_decay`):
 
 The teacher's two evaluations are one pass on the doubled batch and a constant for the gradient
 (the official code runs it under no_grad: its input f_{s,t}(y_t) carries no gradient either). The
-gradient of df/ds flows through the JVP (reverse over forward; the official detach_jvp = False).
+gradient of df/ds flows through the JVP (reverse over forward; the official detach_jvp = False,
+`objective.tvm.detach_jvp`).
 
 Draws per example (`sample_draws`): the gap l = sigmoid(N(gap_mean, gap_std)); s logit-normal
 N(s_mean, s_std) truncated to s <= 1 - l by the inverse CDF of that normal; t = min(s + l, 1);
@@ -116,17 +117,19 @@ def sample_draws(rng, x, labels, objective_config, null_label) -> Draws:
 
 
 def per_example_losses(apply_fn, net_params, teacher_params, x, draws: Draws, *, scale_output,
-                       null_label):
+                       null_label, detach_jvp=False):
   """(terminal + fm, terminal, fm), each [B], from explicit draws (module docstring).
 
   apply_fn(params, x_t, t, labels, h, guidance=beta) is the network F; teacher_params the
-  teacher's weights (its outputs are constants for the gradient).
+  teacher's weights (its outputs are constants for the gradient). detach_jvp: no gradient
+  through dF/ds (the official option, off in every released config).
   """
   s, t, s_prime, beta, e = draws.s, draws.t, draws.s_prime, draws.beta, draws.noise
   labels = draws.labels
   b = lambda v: parameterization.broadcast_time(v, x)
-  network = lambda params, x_in, time, h, y, guidance: apply_fn(
-      params, x_in, time, y, h, guidance=guidance).astype(jnp.float32)
+  def network(params, x_in, time, h, y, guidance):   # at least float32 (a bf16 model's output)
+    out = apply_fn(params, x_in, time, y, h, guidance=guidance)
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
   w = 1.0 / beta
   a = w if scale_output else jnp.ones_like(beta)
   y_t = b(1.0 - t) * x + b(t) * e
@@ -135,6 +138,8 @@ def per_example_losses(apply_fn, net_params, teacher_params, x, draws: Draws, *,
   # F(y_t, t, t - s) and dF/ds: forward-mode in s, differentiated in reverse by the caller.
   F_ts, dF_ds = jax.jvp(lambda s_: network(net_params, y_t, t, t - s_, labels, beta),
                         (s,), (jnp.ones_like(s),))
+  if detach_jvp:
+    dF_ds = jax.lax.stop_gradient(dF_ds)
   f_st = y_t + b((s - t) * a) * F_ts
   df_ds = b(a) * (F_ts + b(s - t) * dF_ds)
 
@@ -190,7 +195,8 @@ def build(config, apply_fn):
     draws = sample_draws(rng, batch["image"], batch["label"], cfg, null_label)
     total, terminal, fm = per_example_losses(
         apply_fn, params["net"], teacher["net"], batch["image"], draws,
-        scale_output=cfg.tvm.scale_output, null_label=null_label)
+        scale_output=cfg.tvm.scale_output, null_label=null_label,
+        detach_jvp=cfg.tvm.detach_jvp)
     value = jnp.mean(total)
     return value, {"loss": value, "terminal": jnp.mean(terminal), "fm": jnp.mean(fm)}
 
