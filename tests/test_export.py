@@ -1,5 +1,6 @@
 """PyTorch export / import (kdiff_jax/export) against PyTorch modules and samplers written from
-facebookresearch/DiT `models.py` and LTH14/JiT `model_jit.py` (export/torch_models.py)."""
+facebookresearch/DiT `models.py` and LTH14/JiT `model_jit.py` (export/torch_dit.py, torch_jit.py,
+torch_sampling.py, torch_load.py)."""
 import json
 import os
 import subprocess
@@ -26,11 +27,29 @@ JIT = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=3, n
            mlp_ratio=4.0, num_classes=10, bottleneck_dim=8, in_context_len=4, in_context_start=1)
 
 
-@pytest.fixture(scope="module")
-def torch_models():
+def _torch_module(name):
   pytest.importorskip("torch")
-  from kdiff_jax.export import torch_models
-  return torch_models
+  return __import__(f"kdiff_jax.export.{name}", fromlist=[name])
+
+
+@pytest.fixture(scope="module")
+def torch_dit():
+  return _torch_module("torch_dit")
+
+
+@pytest.fixture(scope="module")
+def torch_jit():
+  return _torch_module("torch_jit")
+
+
+@pytest.fixture(scope="module")
+def torch_load():
+  return _torch_module("torch_load")
+
+
+@pytest.fixture(scope="module")
+def torch_sampling():
+  return _torch_module("torch_sampling")
 
 
 def _perturb(model, std=0.05, seed=1):
@@ -84,11 +103,11 @@ def _assert_bit_exact(tree_a, tree_b):
 # --- model parity and round trip ----------------------------------------------------------------
 
 @pytest.mark.parametrize("second_time_embedder", [False, True], ids=["dit", "dit_two_times"])
-def test_dit_export_matches_torch_and_round_trips(torch_models, second_time_embedder):
+def test_dit_export_matches_torch_and_round_trips(torch_dit, second_time_embedder):
   model = _perturb(dit.DiT(**DIT, second_time_embedder=second_time_embedder, rngs=nnx.Rngs(0)))
   net = _net(model)
   state_dict = convert.to_torch(net, model.pos_embed())
-  module = _load(torch_models.DiT(**DIT, second_time_embedder=second_time_embedder), state_dict)
+  module = _load(torch_dit.DiT(**DIT, second_time_embedder=second_time_embedder), state_dict)
   x, t, y, s = _inputs(DIT["in_channels"])
   s = s if second_time_embedder else None
   expected, got = _flax_out(model, x, t, y, s), _torch_out(module, x, t, y, s)
@@ -98,11 +117,11 @@ def test_dit_export_matches_torch_and_round_trips(torch_models, second_time_embe
   _assert_bit_exact(net, convert.from_torch(state_dict, net, model.pos_embed()))
 
 
-def test_jit_export_matches_torch_and_round_trips(torch_models):
+def test_jit_export_matches_torch_and_round_trips(torch_jit):
   model = _perturb(jit.JiT(**JIT, rngs=nnx.Rngs(0)), std=0.1)
   net = _net(model)
   state_dict = convert.to_torch(net, model.pos_embed())
-  module = _load(torch_models.JiT(**JIT), state_dict)
+  module = _load(torch_jit.JiT(**JIT), state_dict)
   x, t, y, _ = _inputs(JIT["in_channels"])
   expected, got = _flax_out(model, x, t, y), _torch_out(module, x, t, y)
   error = np.max(np.abs(expected - got))
@@ -111,7 +130,7 @@ def test_jit_export_matches_torch_and_round_trips(torch_models):
   _assert_bit_exact(net, convert.from_torch(state_dict, net, model.pos_embed()))
 
 
-def test_state_dict_has_dits_keys_and_shapes(torch_models):
+def test_state_dict_has_dits_keys_and_shapes(torch_dit):
   """Keys and shapes of facebookresearch/DiT's DiT(learn_sigma=False), written out by hand."""
   d, p, c, classes, tokens = DIT["hidden_size"], DIT["patch_size"], DIT["in_channels"], 10, 16
   expected = {
@@ -135,7 +154,7 @@ def test_state_dict_has_dits_keys_and_shapes(torch_models):
     })
   model = dit.DiT(**DIT, second_time_embedder=False, rngs=nnx.Rngs(0))
   exported = convert.to_torch(_net(model), model.pos_embed())
-  module = torch_models.DiT(**DIT, learn_sigma=False)
+  module = torch_dit.DiT(**DIT, learn_sigma=False)
   assert {k: v.shape for k, v in exported.items()} == expected
   assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == expected
   np.testing.assert_allclose(module.state_dict()["pos_embed"].numpy(), exported["pos_embed"],
@@ -144,7 +163,7 @@ def test_state_dict_has_dits_keys_and_shapes(torch_models):
   # including pos_embed (DiT's README / paper).
   import torch
   with torch.device("meta"):
-    xl = torch_models.DiT(input_size=32, patch_size=2, learn_sigma=True)
+    xl = torch_dit.DiT(input_size=32, patch_size=2, learn_sigma=True)
   assert sum(v.numel() for v in xl.state_dict().values()) == 675_129_632
 
 
@@ -157,7 +176,7 @@ def _sampler_setup(config):
   return net, jax.jit(sample)
 
 
-def _torch_sample(torch_models, config, params, noise, labels):
+def _torch_sample(torch_load, torch_sampling, config, params, noise, labels):
   import torch
   description = objectives.describe(config)
   meta = dict(model=checkpoints.model_spec(config),
@@ -165,10 +184,10 @@ def _torch_sample(torch_models, config, params, noise, labels):
               sampling=checkpoints.sampling_meta(config, description),
               weights=dict(safetensors="ema"))
   meta = json.loads(json.dumps(meta))  # what a PyTorch user reads back
-  module = _load(torch_models.build(meta["model"]),
+  module = _load(torch_load.build(meta["model"]),
                  convert.to_torch(params["net"], checkpoints.pos_embed(config)))
-  out = torch_models.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
-                            torch.from_numpy(labels))
+  out = torch_sampling.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
+                              torch.from_numpy(labels))
   return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -180,9 +199,9 @@ def _noise_and_labels(config, batch=6):
 
 
 @pytest.mark.parametrize("schedule", ["rectified_flow", "cosine", "vp"])
-def test_torch_schedules_and_imm_maps_match_jax(torch_models, schedule):
+def test_torch_schedules_and_imm_maps_match_jax(torch_sampling, schedule):
   """The host-side coefficients the PyTorch samplers use (every f_type, every schedule)."""
-  jax_schedule, torch_schedule = schedules.get(schedule), torch_models.Schedule(schedule)
+  jax_schedule, torch_schedule = schedules.get(schedule), torch_sampling.Schedule(schedule)
   times = np.array([0.0125, 0.3, 0.5, 0.777, 0.994])
   for name in ("alpha", "sigma", "alpha_dot", "sigma_dot"):
     expected = getattr(jax_schedule, name)(times)
@@ -192,14 +211,14 @@ def test_torch_schedules_and_imm_maps_match_jax(torch_models, schedule):
     for s, t in [(0.0, 0.994), (0.3, 0.5), (0.5, 0.5)]:
       # JAX evaluates the map in float32 (jnp), the PyTorch sampler on the host in float64.
       expected = imm.map_coefficients(f_type, jnp.float32(s), jnp.float32(t), jax_schedule, 0.5)
-      got = torch_models.imm_map_coefficients(f_type, s, t, torch_schedule, 0.5)
+      got = torch_sampling.imm_map_coefficients(f_type, s, t, torch_schedule, 0.5)
       np.testing.assert_allclose(got, np.asarray(expected, np.float64), rtol=1e-6, atol=1e-7,
                                  err_msg=f"{f_type} s={s} t={t}")
 
 
 @pytest.mark.parametrize("f_type, time_conditioning, guidance_scale", [
     ("euler_fm", "identity", 1.5), ("simple_edm", "stride", 1.0)])
-def test_imm_pushforward_samples_match_jax(torch_models, f_type, time_conditioning,
+def test_imm_pushforward_samples_match_jax(torch_load, torch_sampling, f_type, time_conditioning,
                                            guidance_scale):
   config = imm_digits.get_config()
   config.model.size = "T"
@@ -210,7 +229,7 @@ def test_imm_pushforward_samples_match_jax(torch_models, f_type, time_conditioni
   net, sampler = _sampler_setup(config)
   noise, labels = _noise_and_labels(config)
   expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_models, config, {"net": net}, noise, labels)
+  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
   error = np.max(np.abs(expected - got))
   print(f"IMM {f_type}/{time_conditioning} w={guidance_scale}, 4 steps: max error {error:.2e}")
   assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
@@ -231,14 +250,14 @@ def _ode_config(name, **objective):
     (_ode_config("kdiff", min_divisor=0.05, time_dependent=True), "heun", [1.5, -0.5]),
     (_ode_config("flow", schedule="cosine", prediction="v"), "euler", None),
 ], ids=["kdiff_k_of_t_heun", "flow_v_cosine_euler"])
-def test_ode_samples_match_jax(torch_models, config, method, w_k):
+def test_ode_samples_match_jax(torch_load, torch_sampling, config, method, w_k):
   config.sampling.method = method
   config.sampling.guidance_scale = 2.0
   net, sampler = _sampler_setup(config)
   params = {"net": net} if w_k is None else {"net": net, "w_k": np.asarray(w_k, np.float32)}
   noise, labels = _noise_and_labels(config)
   expected = np.asarray(sampler(params, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_models, config, params, noise, labels)
+  got = _torch_sample(torch_load, torch_sampling, config, params, noise, labels)
   error = np.max(np.abs(expected - got))
   print(f"{config.objective.name} {method}: max error {error:.2e}")
   assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
@@ -246,7 +265,8 @@ def test_ode_samples_match_jax(torch_models, config, method, w_k):
 
 # --- checkpoints: export end to end, import to fine-tune ----------------------------------------
 
-def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits_fm_run, tmp_path):
+def test_main_export_mode_writes_files_that_sample_like_jax(torch_load, torch_sampling,
+                                                            digits_fm_run, tmp_path):
   import torch
   from safetensors.numpy import load_file
   config, workdir = digits_fm_run
@@ -260,7 +280,7 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits
   assert meta["weights"] == dict(safetensors="ema", step=1500, ema_decay=0.995)
   assert meta["model"]["name"] == "dit" and meta["objective"]["prediction"] == "velocity"
   pt = torch.load(tmp_path / "step1500.pt", weights_only=True)
-  module, _ = torch_models.load(str(tmp_path / "step1500.json"))
+  module, _ = torch_load.load(str(tmp_path / "step1500.json"))
   shapes = {k: v.shape for k, v in module.state_dict().items()}
   assert sorted(pt) == ["ema", "model"]
   for state_dict in pt.values():
@@ -282,14 +302,14 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_models, digits
   noise, labels = _noise_and_labels(config, batch=10)
   sample = sampling.build(config, weights.objective.description, weights.model.apply)
   expected = np.asarray(jax.jit(sample)(params, noise, labels, jax.random.key(0)))
-  got = torch_models.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
-                            torch.from_numpy(labels)).permute(0, 2, 3, 1).numpy()
+  got = torch_sampling.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
+                              torch.from_numpy(labels)).permute(0, 2, 3, 1).numpy()
   error = np.max(np.abs(expected - got))
   print(f"trained digits DiT, Heun 16 steps w=2: max |jax - torch| = {error:.2e}")
   assert error <= 1e-3
 
 
-def test_import_learned_sigma_dit_into_a_workdir(torch_models, tmp_path):
+def test_import_learned_sigma_dit_into_a_workdir(torch_dit, tmp_path):
   """A DiT-format learn_sigma=True .pt -> Flax params (the ε half) -> a step-0 checkpoint."""
   import torch
   config = default.get_config()
@@ -300,7 +320,7 @@ def test_import_learned_sigma_dit_into_a_workdir(torch_models, tmp_path):
   config.training.batch_size = 8
   config.checkpoint.async_save = False
   torch.manual_seed(0)
-  module = torch_models.DiT(**DIT, learn_sigma=True).eval()
+  module = torch_dit.DiT(**DIT, learn_sigma=True).eval()
   with torch.no_grad():
     for parameter in module.parameters():
       if parameter.requires_grad:
@@ -335,8 +355,8 @@ def test_import_learned_sigma_dit_into_a_workdir(torch_models, tmp_path):
 
 
 def test_jax_side_imports_without_torch_and_torch_side_without_jax():
-  """Every kdiff_jax module but torch_models imports with torch blocked; torch_models runs with
-  jax, flax and the rest of kdiff_jax blocked."""
+  """Every kdiff_jax module but the torch twins (export/torch_*.py) imports with torch blocked;
+  the twins load and sample with jax, flax and the rest of kdiff_jax blocked."""
   blocker = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -347,22 +367,27 @@ sys.meta_path.insert(0, Block())
 """
   jax_side = blocker.format(blocked=["torch"]) + """
 import pkgutil, kdiff_jax
-names = [m.name for m in pkgutil.walk_packages(kdiff_jax.__path__, 'kdiff_jax.')
-         if m.name != 'kdiff_jax.export.torch_models']
+names = [m.name for m in pkgutil.walk_packages(kdiff_jax.__path__, 'kdiff_jax.')]
+twins = [name for name in names if name.startswith('kdiff_jax.export.torch_')]
+assert {'kdiff_jax.export.torch_dit', 'kdiff_jax.export.torch_sampling'} <= set(twins), twins
 for name in names:
-  __import__(name)
+  if name not in twins:
+    __import__(name)
 assert 'kdiff_jax.export.checkpoints' in names and 'torch' not in sys.modules
 print(len(names), 'modules')
 """
   torch_side = blocker.format(blocked=["jax", "jaxlib", "flax", "optax", "orbax",
                                        "kdiff_jax.models", "kdiff_jax.export.checkpoints"]) + """
-import torch
-from kdiff_jax.export import torch_models
+import pkgutil, torch, kdiff_jax.export
+for module in pkgutil.iter_modules(kdiff_jax.export.__path__, 'kdiff_jax.export.'):
+  if module.name.startswith('kdiff_jax.export.torch_'):
+    __import__(module.name)
+from kdiff_jax.export import torch_dit, torch_sampling
 
-model = torch_models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1,
-                         num_heads=2, num_classes=10, second_time_embedder=True)
-x = torch_models.sample_imm(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 10]),
-                            torch_models.uniform_times(2, 0.994), null_label=10)
+model = torch_dit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1,
+                      num_heads=2, num_classes=10, second_time_embedder=True)
+x = torch_sampling.sample_imm(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 10]),
+                              torch_sampling.uniform_times(2, 0.994), null_label=10)
 assert x.shape == (2, 1, 8, 8) and 'jax' not in sys.modules
 """
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -244,14 +244,14 @@ def test_a_ddpm_network_sees_ddpm_step_k_at_alphabar_k(monkeypatch):
   diffusers = pytest.importorskip("diffusers")
   from configs import default
   from kdiff_jax import schedules
-  from kdiff_jax.export import torch_models
+  from kdiff_jax.export import torch_sampling
   from kdiff_jax.models import layers
   alphabar = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
   alphabar = alphabar.alphas_cumprod.double().numpy()
   steps = np.array([0, 1, 10, 250, 999])
   t = (steps + 1) / 1000.0
   np.testing.assert_allclose(schedules.get("vp").alpha(t) ** 2, alphabar[steps], rtol=1e-6)  # diffusers: float32
-  np.testing.assert_allclose(torch_models.Schedule("vp").alpha(float(t[2])) ** 2,
+  np.testing.assert_allclose(torch_sampling.Schedule("vp").alpha(float(t[2])) ** 2,
                              alphabar[steps[2]], rtol=1e-6)
 
   config = default.get_config()
@@ -272,7 +272,7 @@ def test_a_ddpm_network_sees_ddpm_step_k_at_alphabar_k(monkeypatch):
     seen.append(1000.0 * float(time[0]))
     return torch.zeros_like(x)
 
-  torch_models.sample_ode(network, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long),
-                          list(t[::-1]) + [0.0], method="euler", schedule="vp",
-                          prediction="eps", null_label=10)
+  torch_sampling.sample_ode(network, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long),
+                            list(t[::-1]) + [0.0], method="euler", schedule="vp",
+                            prediction="eps", null_label=10)
   np.testing.assert_allclose(seen, steps[::-1], atol=1e-3)

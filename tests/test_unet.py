@@ -1,4 +1,4 @@
-"""SongUNet (kdiff_jax/models/unet.py) against its PyTorch twin (export/torch_models.SongUNet,
+"""SongUNet (kdiff_jax/models/unet.py) against its PyTorch twin (export/torch_unet.SongUNet,
 whose state_dict and outputs match lumalabs/imm's SongUNet), EDM's parameter counts, the
 sharding rules and configs/imm_cifar10.py."""
 import json
@@ -23,10 +23,17 @@ TINY = dict(input_size=16, in_channels=3, model_channels=16, channel_mult=(1, 2)
 
 
 @pytest.fixture(scope="module")
-def torch_models():
+def torch_unet():
   pytest.importorskip("torch")
-  from kdiff_jax.export import torch_models
-  return torch_models
+  from kdiff_jax.export import torch_unet
+  return torch_unet
+
+
+@pytest.fixture(scope="module")
+def torch_load():
+  pytest.importorskip("torch")
+  from kdiff_jax.export import torch_load
+  return torch_load
 
 
 def _apply(graphdef, params, *args, **kwargs):
@@ -68,21 +75,21 @@ def test_no_large_kernel_is_replicated_on_fsdp_meshes(cifar10_model, fsdp):
 
 # --- flax against the torch twin ------------------------------------------------------------------
 
-def _random_twin(torch_models):
+def _random_twin(torch_unet):
   """The torch twin with every parameter moved by N(0, 0.1²): GroupNorm's 1 / 0 and all biases
   random too, so every layer matters."""
   import torch
   torch.manual_seed(0)
-  module = torch_models.SongUNet(**TINY).eval()
+  module = torch_unet.SongUNet(**TINY).eval()
   with torch.no_grad():
     for parameter in module.parameters():
       parameter.add_(0.1 * torch.randn_like(parameter))
   return module
 
 
-def test_flax_matches_the_torch_twin_and_round_trips(torch_models):
+def test_flax_matches_the_torch_twin_and_round_trips(torch_unet):
   import torch
-  module = _random_twin(torch_models)
+  module = _random_twin(torch_unet)
   state_dict = {key: value.numpy() for key, value in module.state_dict().items()}
   graphdef, params = unet.from_torch(state_dict, lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(0)))
   assert sum(p.numel() for p in module.parameters()) == sum(v.size for v in jax.tree.leaves(params))
@@ -117,14 +124,14 @@ def test_flax_matches_the_torch_twin_and_round_trips(torch_models):
                     lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(0)))
 
 
-def test_export_spec_builds_the_torch_twin_of_the_config(torch_models):
+def test_export_spec_builds_the_torch_twin_of_the_config(torch_load, torch_unet):
   """checkpoints.model_spec (as the export's JSON reads back) builds a torch module whose
   state_dict has the keys and shapes of the config's exported weights."""
   config = imm_cifar10.get_config()
   config.model.size = "T"
   spec = json.loads(json.dumps(checkpoints.model_spec(config)))
   assert spec["num_classes"] == 0 and spec["second_time_embedder"] and spec["dropout"] == 0.2
-  module = torch_models.build(spec)
+  module = torch_load.build(spec)
   abstract = state.build_model(config).abstract_net
   exported = unet.to_torch(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract))
   assert ({k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -132,7 +139,7 @@ def test_export_spec_builds_the_torch_twin_of_the_config(torch_models):
   import torch
   with torch.device("meta"):
     for second_time_embedder, count in [(True, 56_061_443), (False, 55_732_739)]:
-      released = torch_models.SongUNet(second_time_embedder=second_time_embedder)
+      released = torch_unet.SongUNet(second_time_embedder=second_time_embedder)
       assert sum(p.numel() for p in released.parameters()) == count
 
 
@@ -191,7 +198,7 @@ def _recording_net(calls):
 @pytest.mark.parametrize("objective, dropout", [("imm", 0.2), ("flow", 0.2), ("imm", 0.0)])
 def test_training_passes_get_one_dropout_key(objective, dropout):
   """With model.dropout, IMM's online and target pass get the same key (the same mask,
-  specs/imm.md) and flow's one pass a key, a fourth stream of the step's rng (not the time,
+  docs/objectives/imm.md) and flow's one pass a key, a fourth stream of the step's rng (not the time,
   noise or label one); without, the network is called as before, with no key."""
   from kdiff_jax import objectives
   config = imm_cifar10.get_config()

@@ -1,12 +1,20 @@
-"""PyTorch export and import (DESIGN.md, "export/").
+"""PyTorch export and import.
 
-  convert.py       Flax params <-> torch state_dict (names and transposes), NumPy only
-  checkpoints.py   checkpoint -> .safetensors / .pt / .json; DiT-format state_dict -> Flax params
-                   or a step-0 checkpoint to fine-tune (JAX side; imports torch only to write .pt)
-  torch_models.py  the PyTorch DiT / JiT modules and samplers (torch side; needs no JAX)
+JAX side (imports torch only to write .pt):
+  convert.py         Flax params <-> torch state_dict (names and transposes), NumPy only
+  checkpoints.py     checkpoint -> .safetensors / .pt / .json; DiT-format state_dict -> Flax params
+                     or a step-0 checkpoint to fine-tune
+  pretrained.py, pickles.py  released checkpoints (DiT, IMM) read into our layout
+
+Torch side (torch, numpy and safetensors; needs no JAX), one twin per network of models/:
+  torch_layers.py    the twin of models/layers.py (embedders, attention, MLPs, RoPE, patches)
+  torch_dit.py       the twin of models/dit.py (DiT, its adaLN-Zero block and final layer)
+  torch_jit.py       the twin of models/jit.py (JiT)
+  torch_unet.py      the twin of models/unet.py (SongUNet, EDM's names)
+  torch_sampling.py  the torch schedule, to_x_eps and the exported samplers (flow ODE, IMM)
+  torch_load.py      build / load an export's module from its JSON and .safetensors
 
 main.py runs them: --mode=export and --mode=import.
 
-Nothing is imported here, so `kdiff_jax.export.torch_models` loads without JAX and the JAX side
-without torch.
+Nothing is imported here, so the torch modules load without JAX and the JAX side without torch.
 """

@@ -12,7 +12,7 @@ Export (`main.py --mode=export`) restores the raw and EMA weights of the checkpo
                      state_dict (keys 'model.*'), loading with strict=True into
                      IMMPrecond(**meta['imm_precond'])
   stepN.json         what rebuilds and samples the model in PyTorch (`meta`): constructor kwargs
-                     of torch_models.DiT / JiT, objective (schedule, parameterization, sigma_d,
+                     of torch_dit.DiT / torch_jit.JiT, objective (schedule, parameterization, sigma_d,
                      k-Diff's learned w_k, IMM's map and time conditioning), sampler settings
                      with the time grid, and the training config
 
@@ -39,7 +39,7 @@ FORMAT = "kdiff_jax.export/1"
 
 
 def model_spec(config) -> dict:
-  """torch_models constructor kwargs of config's model, with its 'name' ('dit', 'jit', 'unet')."""
+  """torch_load.build's constructor kwargs of config's model, with its 'name' ('dit', 'jit', 'unet')."""
   model, data = config.model, config.data
   common = dict(input_size=data.image_size, patch_size=model.patch_size,
                 in_channels=data.channels, mlp_ratio=model.mlp_ratio,
@@ -63,7 +63,7 @@ def model_spec(config) -> dict:
                 dropout=model.dropout, second_time_embedder=model.second_time_embedder,
                 time_scale=model.time_scale)
   raise ValueError(f"model.name={model.name!r}: export supports 'dit', 'jit' and 'unet' "
-                   "(torch_models has no MLP)")
+                   "(the torch twins have no MLP)")
 
 
 def _abstract_model(config):
@@ -140,7 +140,7 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
 def export_checkpoint(config, workdir: str, step=None) -> dict:
   """Write stepN.{safetensors, pt, json} of the checkpoint in workdir; return their paths."""
   config_lib.validate(config)
-  model_spec(config)  # fails before restoring for a model torch_models cannot build
+  model_spec(config)  # fails before restoring for a model torch_load cannot build
   weights = state.Weights(config, parallel.make_mesh(config.mesh))
   raw, step = weights.restore(workdir, use_ema=False, step=step)
   params_by_weights = {"model": jax.device_get(raw)}

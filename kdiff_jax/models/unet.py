@@ -317,7 +317,7 @@ def check(config) -> None:
                      f"image {levels - 1} times; use a multiple of {2 ** (levels - 1)}")
 
 
-# --- PyTorch state_dicts (EDM's and IMM's SongUNet, export/torch_models.SongUNet) ---------------
+# --- PyTorch state_dicts (EDM's and IMM's SongUNet, export/torch_unet.SongUNet) -----------------
 
 _TORCH_KERNEL = {4: (3, 2, 0, 1), 2: (1, 0)}  # flax kernel axes in torch's order, by rank
 

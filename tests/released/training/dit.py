@@ -1,5 +1,5 @@
 """lumalabs/imm training/dit.py's DiT interface, our stand-in (the network is
-kdiff_jax.export.torch_models.DiT, whose parameter names are DiT's).
+kdiff_jax.export.torch_dit.DiT, whose parameter names are DiT's).
 
 forward(x, noise_labels_t, noise_labels_s, class_labels): times already scaled (time_scale·t),
 labels one-hot [N, num_classes] with an all-zero row for "unconditional", which
@@ -10,12 +10,12 @@ training-time token_drop label) when class_dropout_prob > 0.
 import torch
 from torch import nn
 
-from kdiff_jax.export import torch_models
+from kdiff_jax.export import torch_dit
 from torch_utils import persistence
 
 
 @persistence.persistent_class
-class DiT(torch_models.DiT):
+class DiT(torch_dit.DiT):
 
   def __init__(self, img_resolution, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000,

@@ -1,17 +1,17 @@
 """lumalabs/imm training/unets.py's SongUNet interface, our stand-in (the network is
-kdiff_jax.export.torch_models.SongUNet, whose parameter names are EDM's).
+kdiff_jax.export.torch_unet.SongUNet, whose parameter names are EDM's).
 
 forward(x, noise_labels_t, noise_labels_s, class_labels): times already scaled (time_scale·t);
 label_dim = 0 is unconditional (class_labels None).
 """
 import torch
 
-from kdiff_jax.export import torch_models
+from kdiff_jax.export import torch_unet
 from torch_utils import persistence
 
 
 @persistence.persistent_class
-class SongUNet(torch_models.SongUNet):
+class SongUNet(torch_unet.SongUNet):
 
   def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
                channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.10,
