@@ -1,16 +1,27 @@
 """kdiff_jax entry point: python main.py --config=configs/digits_fm.py --workdir=/tmp/run
 
 Run the same command on every worker of a TPU VM pod; JAX finds the other workers itself.
-Override any field: --config.training.num_steps=100. After training, --mode=sample, eval and
-export read the run's own config from its latest checkpoint, so they need no --config; the
---config.* overrides still apply (e.g. --config.sampling.num_steps=4).
+Override any field: --config.training.num_steps=100. --mode=sample, eval and export read the
+run's own config from its newest checkpoint, so they need no --config; --config.* overrides
+still apply (e.g. --config.sampling.num_steps=4).
 
-A mistake (a missing config file, an unknown or invalid field, an unusable workdir, a resume
-that changes what the checkpoint means) ends in one line "error: ..." and exit code 2;
---verbosity=1 shows the traceback and the libraries' INFO logs (Orbax, JAX, TensorFlow), which
-are off otherwise.
+A mistake (a missing config file, an unknown or invalid field, an unusable workdir, a mesh or
+batch the devices cannot hold, a resume that changes what the checkpoint means) ends in one line
+"error: ..." and exit code 2, and leaves no workdir that this run created. While a run works,
+the libraries' messages and the tracebacks of their background threads go to <workdir>/log.txt
+(log.process<i>.txt on the other processes), so that the console keeps its own lines and a
+failure's one line is the last. --verbosity=1 puts all of it, and every traceback, on the
+console instead.
+
+The command line before absl parses it (`config_flag`), the one place that reads argv:
+* --config=FILE must name a file (absl would raise a traceback);
+* every --config.<field> must name a field of the schema (schema.check_field_names: the known
+  fields and the closest match);
+* without --config, --mode=sample/eval/export take the config saved in --workdir's checkpoint,
+  and --mode=import the one a released IMM pickle (--import_from) carries.
 """
 import os
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,12 +30,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 MODES = ("train", "sample", "eval", "export", "import", "encode_latents")
-# Modes that read a trained run, whose checkpoint holds its config.
-AFTER_TRAINING = ("sample", "eval", "export")
-# Modes that write a new run into --workdir.
-WRITING = ("train", "import")
-# --import_from file -> (state_dict, config or None), read once when it also gave the config.
-IMPORTED = {}
+AFTER_TRAINING = ("sample", "eval", "export")   # read a run whose checkpoint holds its config
+WRITING = ("train", "import")                   # write a new run into --workdir
+IMPORTED = {}   # --import_from -> (state_dict, config or None), read once when it gave the config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
@@ -53,79 +61,54 @@ class UsageError(Exception):
 
 
 def fail(error: BaseException, *, verbose: bool, code: int = 2):
-  """Print `error` as one line (the traceback too when verbose) and exit with `code`."""
+  """Print `error` as one line "error: ..." on the console (the traceback when verbose), exit."""
   if verbose:
     raise error
+  from kdiff_jax import console
   message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  print(f"error: {message}", file=sys.stderr)
+  console.error(f"error: {message}")
   sys.exit(code)
 
 
-def _verbose(argv) -> bool:
-  for arg in argv[1:]:
-    for prefix in ("--verbosity=", "-verbosity=", "--v=", "-v="):
-      if arg.startswith(prefix):
-        return arg[len(prefix):].lstrip("-").isdigit() and int(arg[len(prefix):]) >= 1
-  return False
-
-
-def _config_file(argv):
-  """The --config argument, or None."""
-  for i, arg in enumerate(argv[1:], 1):
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1]
-  return None
-
-
-def define_config_flag(argv) -> None:
-  """--config: an experiment file; for sample / eval / export without one, the config saved in
-  --workdir's latest checkpoint (read without starting JAX), with --config.* overrides on it.
-
-  Checks what absl and ml_collections would only report with a traceback: the file exists and
-  every --config.<field> override names a field of the schema.
-  """
+def config_flag(argv) -> None:
+  """Define --config from argv (see the module docstring)."""
   from kdiff_jax import schema
-  overrides = [arg.lstrip("-").split("=", 1)[0][len("config."):] for arg in argv[1:]
-               if arg.lstrip("-").startswith("config.")]
-  schema.check_field_names(overrides)
-  path = _config_file(argv)
-  early = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "", flag_values=early)
-  flags.DEFINE_string("mode", "train", "", flag_values=early)
-  flags.DEFINE_string("import_from", "", "", flag_values=early)
+  schema.check_field_names([arg.lstrip("-").split("=", 1)[0][len("config."):]
+                            for arg in argv[1:] if arg.lstrip("-").startswith("config.")])
+  early = flags.FlagValues()   # the flags that decide where the config comes from
+  for name, default in (("config", None), ("workdir", None), ("mode", "train"),
+                        ("import_from", "")):
+    flags.DEFINE_string(name, default, "", flag_values=early)
   early(argv, known_only=True)
-  if path is None and early.mode in AFTER_TRAINING and early.workdir:
+  if early.config is None and early.mode in AFTER_TRAINING and early.workdir:
     from kdiff_jax import checkpoint
     config_flags.DEFINE_config_dict("config", checkpoint.load_config(early.workdir),
                                     "The run's own config (from --workdir).", lock_config=True)
-    return
-  if path is None and early.mode == "import" and early.import_from:
+  elif early.config is None and early.mode == "import" and early.import_from:
     from kdiff_jax.export import pretrained
     IMPORTED[early.import_from] = pretrained.read(early.import_from)
-    config = IMPORTED[early.import_from][1]
-    if config is None:
+    if IMPORTED[early.import_from][1] is None:
       raise UsageError(f"--import_from={early.import_from} is a state_dict: give the model's "
                        "--config (only pickled IMMPrecond files carry their settings)")
-    config_flags.DEFINE_config_dict("config", config, "The imported file's config.",
-                                    lock_config=True)
-    return
-  if path is not None:
-    file = path.split(":", 1)[0]
-    if os.path.isdir(file):
-      raise UsageError(f"--config={path}: {file} is a directory; give a config file such as "
-                       "configs/digits_fm.py")
-    if not os.path.isfile(file):
-      raise UsageError(f"--config={path}: no such file ({os.path.abspath(file)})")
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    config_flags.DEFINE_config_dict("config", IMPORTED[early.import_from][1],
+                                    "The imported file's config.", lock_config=True)
+  else:
+    if early.config is not None:
+      file = early.config.split(":", 1)[0]
+      if not os.path.isfile(file):
+        raise UsageError(f"--config={early.config}: " + (
+            f"{file} is a directory; give a config file such as configs/digits_fm.py"
+            if os.path.isdir(file) else f"no such file ({os.path.abspath(file)})"))
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
 
 def parse_flags(argv):
-  """absl's flag parsing with one-line errors (see the module docstring)."""
-  verbose = _verbose(argv)
+  """absl's flag parsing, a mistake in one line (--verbosity=1 in argv: with its traceback)."""
+  verbose = any(arg.lstrip("-").split("=", 1)[0] in ("verbosity", "v")
+                and arg.split("=", 1)[-1].isdigit() and int(arg.split("=", 1)[-1]) >= 1
+                for arg in argv[1:] if "=" in arg)
   try:
-    define_config_flag(argv)
+    config_flag(argv)
     remaining = FLAGS(argv)
     if FLAGS.config is None:
       raise UsageError(f"--mode={FLAGS.mode} needs --config=configs/<experiment>.py")
@@ -136,18 +119,23 @@ def parse_flags(argv):
     fail(error, verbose=verbose)
 
 
-def check_workdir(workdir: str, mode: str) -> None:
-  """A writing mode can create and write `workdir`; a reading mode finds it (and creates nothing)."""
+def prepare_workdir(workdir: str, mode: str):
+  """Check --workdir for the mode: a writing mode can create and write it, a reading mode finds
+  it. Returns the topmost directory this call created (None if it created none)."""
   from etils import epath
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
     raise UsageError(f"--workdir={workdir} is a file, not a directory")
   if mode == "encode_latents":  # writes to data.latents_path only
-    return
+    return None
   if mode not in WRITING:
     if not path.is_dir():
       raise UsageError(f"--workdir={workdir} does not exist: train there first (--mode=train)")
-    return
+    return None
+  created = path
+  while not created.parent.exists() and created.parent != created:
+    created = created.parent
+  created = None if created.exists() else created
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe_{os.getpid()}"
@@ -156,36 +144,53 @@ def check_workdir(workdir: str, mode: str) -> None:
   except OSError as error:
     raise UsageError(f"--workdir={workdir} is not writable ({error.strerror or error}): choose "
                      "another directory or fix its permissions") from error
+  return created
+
+
+def remove_what_was_created(created, new_files) -> None:
+  """After a mistake: remove the files this run created (its new log) and the directory it
+  created, when that holds nothing else."""
+  new_files = {os.path.abspath(path) for path in new_files}
+  if created is not None and os.path.isdir(created):
+    if all(os.path.abspath(os.path.join(directory, file)) in new_files
+           for directory, _, files in os.walk(created) for file in files):
+      shutil.rmtree(created, ignore_errors=True)
+      return
+  for path in new_files:
+    if os.path.isfile(path):
+      os.remove(path)
 
 
 def run(config) -> None:
-  if FLAGS.mode == "train":
-    from kdiff_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir,
+  mode, workdir = FLAGS.mode, FLAGS.workdir
+  if mode == "train":
+    from kdiff_jax import evaluate, train
+    train.train_and_evaluate(config, workdir,
                              source=config_flags.get_config_filename(FLAGS["config"]),
-                             allow_config_change=FLAGS.allow_config_change)
-  elif FLAGS.mode == "sample":
+                             allow_config_change=FLAGS.allow_config_change,
+                             sampling_actions=evaluate.training_actions)
+  elif mode == "sample":
     from kdiff_jax import generation
-    generation.generate(config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
+    generation.generate(config, workdir)
+  elif mode == "eval":
     from kdiff_jax import evaluate
-    evaluate.evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "export":
+    evaluate.evaluate(config, workdir)
+  elif mode == "export":
     from kdiff_jax.export import checkpoints
-    checkpoints.export_checkpoint(config, FLAGS.workdir)
-  elif FLAGS.mode == "import":
+    checkpoints.export_checkpoint(config, workdir)
+  elif mode == "import":
+    from kdiff_jax import console
     from kdiff_jax.export import checkpoints, pretrained
     if not FLAGS.import_from:
       raise UsageError("--mode=import needs --import_from=<IMM .pkl, or a state_dict .pt or "
                        ".safetensors>")
-    from kdiff_jax import console
     state_dict, carried = IMPORTED.get(FLAGS.import_from) or pretrained.read(FLAGS.import_from)
     if carried is not None:
       console.info("import: %s: %s", FLAGS.import_from, pretrained.describe(config))
     net = checkpoints.import_state_dict(state_dict, config,
                                         drop_learned_sigma=FLAGS.drop_learned_sigma)
-    checkpoints.init_workdir(config, FLAGS.workdir, net)
-  elif FLAGS.mode == "encode_latents":
+    checkpoints.init_workdir(config, workdir, net)
+  elif mode == "encode_latents":
     from kdiff_jax import encoding
     encoding.encode_tfds(config)
 
@@ -197,15 +202,23 @@ def main(argv):
   verbose = FLAGS.verbosity >= 1
   console.quiet_libraries(verbose=verbose)
   jax.config.update("jax_threefry_partitionable", True)
+  created, new_files = None, []
   try:
     config_lib.validate(FLAGS.config)   # before anything is created or started
-    check_workdir(FLAGS.workdir, FLAGS.mode)
+    created = prepare_workdir(FLAGS.workdir, FLAGS.mode)
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                          FLAGS.process_id)
+    if not verbose and FLAGS.mode != "encode_latents":
+      log = console.log_path(FLAGS.workdir)
+      new_files += [] if os.path.exists(log) else [log]
+      console.divert_library_output(log)
     run(FLAGS.config)
   except actions.NonFiniteLossError as error:
     fail(error, verbose=verbose, code=1)
-  except (UsageError, ValueError, OSError, checkpoint.CheckpointError) as error:
+  except (UsageError, ValueError) as error:   # a mistake: what this run created goes
+    remove_what_was_created(created, new_files)
+    fail(error, verbose=verbose)
+  except (OSError, checkpoint.CheckpointError) as error:
     fail(error, verbose=verbose)
 
 

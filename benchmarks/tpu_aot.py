@@ -7,7 +7,7 @@
   ... --largest_batch                              # also bisect the largest global batch that fits
 
 For each topology (hardware.tpu_slice: one jax device per chip, as a TPU VM runs it) and variant
-(model.remat = dots for 'remat', model.scan_blocks for 'scan'), the train step of train.py is
+(model.remat = dots for 'remat', model.scan_blocks for 'scan'), the train step of train_state.py is
 lowered with the run's abstract state and batch and compiled by libtpu's XLA for that slice, and
 so is the FID / sample-grid sampler (sampling.build, batch-sharded, eval.batch_size). Printed, per
 chip: HBM of arguments, outputs, temporaries and their total (outputs aliased to donated
@@ -87,10 +87,10 @@ def _gb(nbytes: float) -> str:
   return f"{nbytes / 1e9:.2f}"
 
 
-def report(topology, variant, s, chip, compiled: aot.Compiled, what: str, batch: int) -> str:
+def report(topology, variant, setup, chip, compiled: aot.Compiled, what: str, batch: int) -> str:
   """One Markdown table row."""
-  mesh = " ".join(f"{a}{n}" for a, n in s.mesh.shape.items() if n > 1) or "1"
-  devices = s.mesh.devices.flatten()
+  mesh = " ".join(f"{a}{n}" for a, n in setup.mesh.shape.items() if n > 1) or "1"
+  devices = setup.mesh.devices.flatten()
   hosts = len({d.process_index for d in devices})
   hbm = chip.hbm_bytes
   if not compiled.ok:
@@ -134,19 +134,19 @@ def main(argv):
                  f"{_gb(chip.hbm_bytes)} GB HBM per chip (datasheet, kdiff_jax/hardware.py)")
     for variant in FLAGS.variants:
       vconfig = variant_config(config, variant)
-      s, step = aot.compile_train_step(vconfig, devices)
-      print(report(topology, variant, s, chip, step, "train step", vconfig.training.batch_size),
+      setup, step = aot.compile_train_step(vconfig, devices)
+      print(report(topology, variant, setup, chip, step, "train step", vconfig.training.batch_size),
             flush=True)
       if FLAGS.sampler:
-        print(report(topology, variant, s, chip, aot.compile_sampler(s), "sampler",
+        print(report(topology, variant, setup, chip, aot.compile_sampler(setup), "sampler",
                      vconfig.eval.batch_size), flush=True)
       if variant == FLAGS.variants[0]:
-        largest = parallel.replicated_arrays(s.abstract_state["params"],
-                                             s.state_shardings["params"])[:3]
+        largest = parallel.replicated_arrays(setup.abstract_state["params"],
+                                             setup.state_shardings["params"])[:3]
         notes.append(f"{topology}: largest replicated parameters: " + (", ".join(
             f"{path} {list(shape)} ({n:,})" for path, shape, n in largest) or "none"))
       if FLAGS.largest_batch:
-        unit = aot.batch_unit(s)
+        unit = aot.batch_unit(setup)
         batch = vconfig.training.batch_size
         fits, fails = largest_batch(config, variant, devices, unit,
                                     batch if step.ok else None, None if step.ok else batch)
@@ -159,6 +159,18 @@ def main(argv):
     print(note)
 
 
+def main_one_line_errors(argv):
+  """main, with a config or mesh that cannot run said in one line (exit code 2), as main.py does;
+  a mesh shape that does not follow a slice's torus is laid out by splitting a physical axis,
+  with a line saying so (parallel.make_mesh)."""
+  try:
+    main(argv)
+  except ValueError as error:
+    print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main_one_line_errors)

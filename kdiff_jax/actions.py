@@ -1,40 +1,52 @@
 """The training loop's periodic actions.
 
   Metrics      fetch the step metrics (only at log and checkpoint steps), check them, log them
-  Checkpoints  save the state, watch for preemption, report a failed save
-  SampleGrid   a PNG of samples (latents decoded by the VAE)
-  Fid          the in-loop FID-n (Inception)
+  Checkpoints  save the state, announce a save once it is committed, watch for preemption,
+               report a failed save
+  SampleGrid   a PNG of samples, shown by the caller's `show` (evaluate.training_actions
+               decodes latents with the VAE)
 
 An action is due at some steps (`due(step, last)`) and is called with the step and the train
-state (`action(step, state)`); `params_of(state)` gives the weights to sample (the trainer's
-EMA or raw params). It writes its own files, TensorBoard entries and one console line.
-`dry_run(abstract_params)` traces a sampling action with abstract shapes before the first
+state (`action(step, state)`); `Sampling.params_of(state)` gives the weights to sample (the
+trainer's EMA or raw params). It writes its own files, TensorBoard entries and one console
+line. `dry_run(abstract_params)` traces a sampling action with abstract shapes before the first
 step, so a sampler or an FID pipeline that cannot run fails at start, not after hours of
 training. The trainer (train.py) runs them in this order, so a failing sample grid never costs a
-checkpoint.
+checkpoint. Nothing here imports the VAE, Inception or the evaluator: the actions that need them
+(the decoded grid, the in-loop FID) are built by the loop's caller (evaluate.training_actions,
+which main.py hands to train.train_and_evaluate).
 """
 import collections
+import dataclasses
 import math
 import os
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from kdiff_jax import checkpoint, console, evaluate, images, sampling
-from kdiff_jax.data import latents
-from kdiff_jax.models import vae
-
-# The step's metric that names the first parameter whose gradient is not finite (its index among
-# the leaves of params, -1 when all are finite): a diagnosis, not written to TensorBoard.
-FIRST_NONFINITE_GRADIENT = "first_nonfinite_gradient"
+from kdiff_jax import checkpoint, console, images, sampling
+from kdiff_jax.train_state import FIRST_NONFINITE_GRADIENT
 
 # Steps the host may dispatch before the device has finished the earlier ones. Each queued step
 # holds a batch in device memory, and XLA:CPU's in-process collectives stall with an unbounded
 # queue (8 simulated devices on 2 cores: a rendezvous timeout after a few hundred steps).
 STEPS_AHEAD = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """What the loop hands to the actions that sample: sample(params, noise, labels, key) of
+  sampling.build, the mesh, the TensorBoard writer, and params_of(state), the weights to sample."""
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  sample: Callable
+  writer: Any
+  params_of: Callable
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -166,9 +178,12 @@ class Checkpoints:
   """Every training.checkpoint_every steps, at the last step and at a preemption: the state,
   the data position and the config, after checking every pending loss (never a NaN on disk).
 
-  A save that fails (at once, or later in the background: checked at every step) stops the run
-  saying which step failed, which checkpoint is the newest intact one and how much a save
-  writes.
+  A save is announced ("checkpoint step N -> path") once it is committed: at once when saves
+  are synchronous; with checkpoint.async_save, at the first step boundary after Orbax has
+  finished it in the background (or at the next save or the end, which wait for it). A save
+  that fails, at once or in the background, stops the run at that boundary naming the step
+  whose save failed, the cause (e.g. no space left on device), the newest intact checkpoint and
+  how much a save writes.
   """
 
   def __init__(self, config, workdir: str, mngr, metrics: Metrics, iterator, state_bytes: int):
@@ -181,24 +196,36 @@ class Checkpoints:
     self.state_bytes = state_bytes
     self.preempted = PreemptionWatch()
     self.stopping = False
-    self.saving = None  # the step of the save that may still be running
+    self.in_flight = None  # the step of an async save not yet known to be committed
 
-  def failure(self, error: BaseException) -> checkpoint.CheckpointError:
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    intact = [step for step in self.mngr.all_steps() if step != self.saving]
-    newest = f"step {max(intact)} under {self.directory}" if intact else "none"
+  def failure(self, step: int, error: BaseException) -> checkpoint.CheckpointError:
+    intact = [saved for saved in self.mngr.all_steps() if saved != step]
+    newest = (f"the newest intact checkpoint is step {max(intact)} under {self.directory}"
+              if intact else f"no checkpoint under {self.directory} is intact yet")
     return checkpoint.CheckpointError(
-        f"saving checkpoint step {self.saving} failed ({type(error).__name__}: {first_line}); "
-        f"the newest intact checkpoint is {newest}; a save writes about "
+        f"saving checkpoint step {step} failed ({checkpoint.describe_error(error)}); "
+        f"{newest}; a save writes about "
         f"{console.size(self.state_bytes)}: free that much space and run the same command again "
         "to resume")
 
-  def check(self) -> None:
-    """Raise the failure of a save running in the background, if any."""
+  def _commit(self) -> None:
+    """Wait for the save in flight; announce it, or raise its failure."""
+    step, self.in_flight = self.in_flight, None
     try:
+      self.mngr.wait_until_finished()
       self.mngr.check_for_errors()
     except Exception as error:  # noqa: BLE001 -- any failed save stops the run, said clearly
-      raise self.failure(error) from error
+      raise self.failure(step, error) from error
+    console.info("checkpoint step %d -> %s/%d", step, self.directory, step)
+
+  def check(self) -> None:
+    """At a step boundary: announce the save in flight if Orbax has finished it, or raise its
+    failure. Never waits for a save still being written. With several processes a save's end is
+    seen at the next save or the end of the run, where every process waits for it at the same
+    step (each process sees the background save finish at its own step boundary)."""
+    if (self.in_flight is not None and jax.process_count() == 1
+        and not self.mngr.is_saving_in_progress()):
+      self._commit()
 
   def due(self, step: int, last: bool) -> bool:
     self.check()
@@ -207,19 +234,25 @@ class Checkpoints:
 
   def __call__(self, step: int, state) -> None:
     self.metrics.fetch()
-    self.saving = step
+    if self.in_flight is not None:   # Orbax would wait for it inside save(); say which failed
+      self._commit()
     try:
       checkpoint.save(self.mngr, step, state, self.iterator.position, self.config)
     except Exception as error:  # noqa: BLE001
-      raise self.failure(error) from error
-    console.info("checkpoint step %d -> %s/%d", step, self.directory, step)
+      raise self.failure(step, error) from error
+    self.in_flight = step
+    if not self.config.checkpoint.async_save:
+      self._commit()
+
+  def wait(self) -> None:
+    """Wait for the save in flight, if any; announce it or raise its failure."""
+    if self.in_flight is not None:
+      self._commit()
 
   def finish(self) -> None:
-    """Wait for the last save; raise its failure."""
+    """Wait for the last save; announce it or raise its failure; release the manager."""
     try:
-      self.mngr.wait_until_finished()
-    except Exception as error:  # noqa: BLE001
-      raise self.failure(error) from error
+      self.wait()
     finally:
       self.close()
 
@@ -232,35 +265,27 @@ class Checkpoints:
       pass
 
 
-def viewable(config, samples) -> np.ndarray:
-  """Samples as images in about [-1, 1]: latents unnormalized and decoded by the VAE.
-
-  Latents (data.name = 'latents', or per-channel latent statistics as an imported IMM model
-  carries) with data.vae_path: the VAE decoder's images; without a VAE: the first three latent
-  channels; any other data: the samples themselves.
-  """
-  samples = np.asarray(samples, np.float32)
-  if config.data.name != "latents" and not config.data.latent_channel_mean:
-    return samples
-  if not config.data.vae_path:
-    return samples[..., :3]
-  decode, params = vae.decoder(config.data.vae_path)
-  return np.asarray(decode(params, latents.unnormalize(samples, config.data)))
+def first_channels(samples) -> np.ndarray:
+  """Samples as they are, at most three channels (a latent model's grid without its decoder)."""
+  return np.asarray(samples, np.float32)[..., :3]
 
 
 class SampleGrid:
   """Every training.sample_every steps and at the last: a grid_size² PNG of samples cycling
-  through the classes, under workdir/samples, and in TensorBoard."""
+  through the classes, under workdir/samples, and in TensorBoard. show(samples) makes them
+  images in about [-1, 1] (default: at most their first three channels)."""
 
-  def __init__(self, config, workdir: str, mesh, sample, writer, params_of):
+  def __init__(self, context: Sampling, show: Callable = first_channels):
+    config = context.config
     self.config = config
-    self.params_of = params_of
+    self.params_of = context.params_of
+    self.show = show
     self.every = config.training.sample_every
-    self.directory = os.path.join(workdir, "samples")
-    self.writer = writer
+    self.directory = os.path.join(context.workdir, "samples")
+    self.writer = context.writer
     labels = sampling.cycling_labels(config.sampling.grid_size**2,
                                      range(config.data.num_classes))
-    self.draw = sampling.make_sampler(config, sample, mesh, labels)
+    self.draw = sampling.make_sampler(config, context.sample, context.mesh, labels)
 
   def due(self, step: int, last: bool) -> bool:
     return last or (self.every > 0 and step % self.every == 0)
@@ -270,31 +295,9 @@ class SampleGrid:
 
   def __call__(self, step: int, state) -> None:
     key = jax.random.fold_in(jax.random.key(self.config.sampling.seed), step)
-    shown = viewable(self.config, self.draw(self.params_of(state), key))
+    shown = self.show(self.draw(self.params_of(state), key))
     if jax.process_index() == 0:
       path = os.path.join(self.directory, f"step_{step:08d}.png")
       grid = images.save_grid(shown, path)
       self.writer.images(step, {"samples": grid})
       console.info("samples   step %d -> %s", step, path)
-
-
-class Fid:
-  """Every eval.fid_every steps and at the last: FID-n and IS of eval.fid_num_samples samples."""
-
-  def __init__(self, config, mesh, sample, writer, params_of):
-    self.every = config.eval.fid_every
-    self.params_of = params_of
-    self.fid = evaluate.FidAction(config, mesh, sample)
-    self.writer = writer
-
-  def due(self, step: int, last: bool) -> bool:
-    return last or step % self.every == 0
-
-  def dry_run(self, abstract_params) -> None:
-    self.fid.evaluator.dry_run(abstract_params)
-
-  def __call__(self, step: int, state) -> None:
-    metrics = self.fid(self.params_of(state))
-    self.writer.scalars(step, metrics)
-    console.info("fid       step %d: %s", step,
-                 ", ".join(f"{name} {value:.3f}" for name, value in metrics.items()))

@@ -1,9 +1,9 @@
 """Ahead-of-time compiles of the train step and the sampler, for any devices, measured.
 
-  s, compiled = aot.compile_train_step(config, hardware.tpu_slice("v5p:4x4x4").devices)
+  setup, compiled = aot.compile_train_step(config, hardware.tpu_slice("v5p:4x4x4").devices)
   compiled.total, compiled.flops, compiled.collectives["all-gather"]   # per chip
 
-Nothing runs: the programs are lowered with the run's abstract state and batch (train.setup's
+Nothing runs: the programs are lowered with the run's abstract state and batch (train_state.setup's
 shardings) and compiled by the devices' own compiler, libtpu's XLA for a deviceless TPU slice.
 memory_analysis() gives each device's bytes of arguments, outputs and temporaries;
 cost_analysis() XLA's FLOPs and its `optimal_seconds`; the compiled HLO text the collectives.
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import config as jax_config  # enable_compilation_cache as a context
 
-from kdiff_jax import data, parallel, sampling, train
+from kdiff_jax import data, parallel, sampling, train_state
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\((.*?)\)")
@@ -102,36 +102,36 @@ def compile_program(jitted, *abstract_args) -> Compiled:
 
 
 def compile_train_step(config, devices):
-  """(Setup, Compiled) of train.py's jitted step for config on devices."""
-  s = train.setup(config, devices)
+  """(Setup, Compiled) of the jitted train step (train_state.make_train_step) for config on
+  devices."""
+  setup = train_state.setup(config, devices)
   batch = config.training.batch_size
-  sharding = parallel.batch_sharding(s.mesh, config.mesh.rules)
+  sharding = parallel.batch_sharding(setup.mesh, config.mesh.rules)
   abstract_batch = {
       "image": jax.ShapeDtypeStruct((batch,) + data.element_shape(config.data), jnp.float32,
                                     sharding=sharding),
       "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
-  return s, compile_program(train.make_train_step(s), s.abstract_state, abstract_batch)
+  return setup, compile_program(train_state.make_train_step(setup), setup.abstract_state,
+                                abstract_batch)
 
 
-def compile_sampler(s: train.Setup) -> Compiled:
+def compile_sampler(setup: train_state.Setup) -> Compiled:
   """The sampler of the run's grids and FID: eval.batch_size images split over the batch axes."""
-  config = s.config
-  sample = sampling.build(config, s.objective.description, s.model.apply)
-  sharding = parallel.batch_sharding(s.mesh, config.mesh.rules)
-  replicated = parallel.replicated(s.mesh)
+  config = setup.config
+  sample = sampling.build(config, setup.objective.description, setup.model.apply)
+  sharding = parallel.batch_sharding(setup.mesh, config.mesh.rules)
+  replicated = parallel.replicated(setup.mesh)
   batch = config.eval.batch_size
   noise = jax.ShapeDtypeStruct((batch,) + data.element_shape(config.data), jnp.float32,
                                sharding=sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  params = s.abstract_state["params"]
+  params = setup.abstract_state["params"]
   jitted = jax.jit(sample, out_shardings=sharding)
   return compile_program(jitted, params, noise, labels, key)
 
 
-def batch_unit(s: train.Setup) -> int:
+def batch_unit(setup: train_state.Setup) -> int:
   """The step of global batch sizes that split evenly: batch shards x the objective's group size."""
-  axes = parallel.batch_axes(s.config.mesh.rules)
-  return math.prod(s.mesh.shape[a] for a in axes) * s.objective.group_size
-
-
+  axes = parallel.batch_axes(setup.config.mesh.rules)
+  return math.prod(setup.mesh.shape[a] for a in axes) * setup.objective.group_size

@@ -16,14 +16,17 @@ mesh, so a checkpoint written on one topology restores on another. `restore_weig
 set of weights (one EMA, or the raw ones) and nothing else: sampling, evaluation and export never
 read the optimizer state.
 
-A step that does not restore (a deleted, truncated or empty file) never blocks a run: `restore`
-names the step and the damaged file, moves the step aside (checkpoints/300 ->
-checkpoints/300.damaged; nothing is deleted) and falls back to the newest step that restores;
+A step that does not restore (a deleted, truncated or empty file, an empty step folder, data
+that does not read) never blocks a run: `set_aside_damaged` and `restore` name the step and
+the damage in a sentence, move the step aside (checkpoints/300 -> checkpoints/300.damaged;
+nothing is deleted) and fall back to the newest step that restores;
 `restore_weights` skips it without moving anything. With checkpoints present and none
 restoring, it is an error, never a silent fresh start.
 """
+import errno
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -110,7 +113,11 @@ def restore(mngr, abstract_state, step=None):
     step, restored = _newest_restorable(mngr, lambda s: mngr.restore(s, args=composite),
                                         move_aside=True)
   else:
-    restored = mngr.restore(step, args=composite)
+    try:
+      restored = mngr.restore(step, args=composite)
+    except Exception as error:  # noqa: BLE001 -- said in a sentence, as for the newest step
+      raise CheckpointError(f"checkpoint step {step} does not restore: "
+                            f"{_describe_failure(mngr.directory, step, error)}") from error
   state = {"step": restored["train"]["step"], "rng": restored["train"]["rng"],
            "params": restored["params"], "opt_state": restored["opt_state"],
            "ema": restored["ema"] if abstract_state["ema"] else {}}
@@ -153,11 +160,55 @@ def damage(step_directory) -> str:
   return ""
 
 
+def describe_error(error: BaseException) -> str:
+  """An error of Orbax or TensorStore in a few words: "no space left on device" wherever in its
+  chain the disk ran full; else its type, status code and first line, cut to 160 characters."""
+  chain, seen = [error], set()
+  while chain[-1] is not None and id(chain[-1]) not in seen:
+    seen.add(id(chain[-1]))
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for link in chain[:-1]:
+    if ((isinstance(link, OSError) and link.errno == errno.ENOSPC)
+        or "No space left on device" in str(link) or "os_error_code='28'" in str(link)):
+      return "no space left on device"
+  first_line = (str(error).strip().splitlines() or [""])[0]
+  if len(first_line) > 160:
+    first_line = first_line[:157] + "..."
+  return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
 def _describe_failure(root, step: int, error: BaseException) -> str:
-  """The damaged file of checkpoints/<step>, else the restore error's first line."""
+  """Why checkpoints/<step> does not restore, in a sentence: its damaged file, else the item
+  whose data does not read and the restore error's status."""
   found = damage(epath.Path(root) / str(step))
-  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  return found or f"it does not restore ({type(error).__name__}: {first_line[:300]})"
+  if found:
+    return found
+  item = re.search(rf"[/\\]{step}[/\\]([a-z_]+)[/\\]", str(error))
+  status = re.match(r"\s*([A-Z_]{4,}):", str(error))
+  if item and item.group(1) in ITEMS:
+    return (f"the data of its '{item.group(1)}' item does not read"
+            f" ({status.group(1) if status else type(error).__name__})")
+  return f"it does not restore ({describe_error(error)})"
+
+
+def set_aside_damaged(mngr) -> None:
+  """Move the newest steps whose files are visibly damaged (`damage`: a step folder without a
+  config, an empty item, a missing or empty file) aside, down to the newest that looks intact,
+  so that a resume reads that step's config. What no file shows (unreadable data) `restore`
+  finds."""
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    reason = damage(epath.Path(mngr.directory) / str(step))
+    if not reason:
+      return
+    failures.append(f"step {step}: {reason}")
+    moved = set_aside(mngr.directory, step)
+    mngr.reload()
+    console.info("checkpoint step %d is damaged (%s); moved it to %s", step, reason, moved)
+  if failures:
+    raise CheckpointError(f"no checkpoint under {mngr.directory} restores "
+                          f"({'; '.join(failures)}); they are kept (as <step>.damaged); start a "
+                          "new --workdir or repair them")
 
 
 def set_aside(root, step: int) -> str:
@@ -235,8 +286,8 @@ def restore_weights(workdir: str, abstract_params, ema_decay=None, step=None):
 
 
 def load_config(workdir: str, step=None):
-  """The config saved with the checkpoint at `step` (default: the latest), over the schema's
-  defaults (schema.from_dict).
+  """The config saved with the checkpoint at `step` (default: the newest step whose config
+  reads), over the schema's defaults (schema.from_dict).
 
   Reads the JSON file that the 'config' item is (Orbax's JsonSave writes <step>/config/metadata)
   without Orbax, so that it starts no JAX backend: main.py reads it before
@@ -246,8 +297,17 @@ def load_config(workdir: str, step=None):
   steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {root}")
-  step = steps[-1] if step is None else step
-  return schema.from_dict(json.loads((root / str(step) / "config" / "metadata").read_text()))
+  for candidate in ([step] if step is not None else steps[::-1]):
+    path = root / str(candidate) / "config" / "metadata"
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+      if step is not None:
+        raise
+      continue  # a damaged step: the restore that follows names it
+    return schema.from_dict(saved)
+  raise CheckpointError(f"--workdir={workdir}: no checkpoint under {root} has a readable config "
+                        "(config/metadata); start a new --workdir or repair them")
 
 
 def abstract_with_shardings(tree, shardings):

@@ -6,17 +6,34 @@
 
 `info` prints "HH:MM:SS message" to stdout on process 0 only, through its own logger (not absl's
 root handler), so it shows whatever the libraries' verbosity. main.py calls quiet_libraries
-unless --verbosity >= 1.
+unless --verbosity >= 1, and then `divert_library_output(log_path(workdir))`: from there on
+whatever goes to the process's stderr (absl / Orbax / JAX logs, the tracebacks that Orbax's and
+asyncio's background threads print, Python warnings) lands in <workdir>/log.txt, and `error`
+writes the run's last line to the terminal's stderr.
 """
 import logging
 import os
 import sys
+import tempfile
 
 import jax
 
+
+class _Stdout(logging.StreamHandler):
+  """A handler writing to sys.stdout as it is at each line (pytest's capture, redirect_stdout)."""
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
 _LOGGER = logging.getLogger("kdiff_jax.console")
 if not _LOGGER.handlers:
-  _handler = logging.StreamHandler(sys.stdout)
+  _handler = _Stdout()
   _handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
   _LOGGER.addHandler(_handler)
   _LOGGER.setLevel(logging.INFO)
@@ -27,6 +44,38 @@ def info(message: str, *args) -> None:
   """One console line, from process 0 only."""
   if jax.process_index() == 0:
     _LOGGER.info(message, *args)
+
+
+_TERMINAL_STDERR = None   # the console's stderr while the process's stderr goes to a log file
+
+
+def error(message: str) -> None:
+  """The run's one-line error, on the console's stderr (also while library output is diverted)."""
+  stream = _TERMINAL_STDERR or sys.stderr
+  print(message, file=stream, flush=True)
+
+
+def log_path(workdir: str) -> str:
+  """<workdir>/log.txt on process 0, log.process<i>.txt on the others; for a workdir that is not
+  a local path (gs://), a file of that name in the temporary directory."""
+  name = "log.txt" if jax.process_index() == 0 else f"log.process{jax.process_index()}.txt"
+  if "://" in workdir:
+    return os.path.join(tempfile.gettempdir(), f"kdiff_jax_{os.getpid()}_{name}")
+  return os.path.join(workdir, name)
+
+
+def divert_library_output(path: str) -> None:
+  """Send everything written to this process's stderr from now on to the file `path` (appended).
+
+  It redirects file descriptor 2 itself, so it catches what libraries print from C++ and from
+  threads that outlive the run too. `error` still reaches the console.
+  """
+  global _TERMINAL_STDERR
+  sys.stderr.flush()
+  if _TERMINAL_STDERR is None:
+    _TERMINAL_STDERR = os.fdopen(os.dup(2), "w", buffering=1)
+  log = open(path, "a", buffering=1)  # noqa: SIM115 -- open until the process exits
+  os.dup2(log.fileno(), 2)
 
 
 def each(message: str, *args) -> None:

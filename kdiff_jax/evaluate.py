@@ -22,8 +22,10 @@ Inception weights: eval.inception_path (pytorch-fid's .pth, or its .npz conversi
   the distance from some reference feature to that feature's 3rd nearest reference neighbour;
   recall swaps the roles.
 
-`FidAction` is the trainer's periodic FID-n (actions.Fid); `evaluate` is main.py --mode=eval,
-which restores only the sampling weights (state.Weights) and builds no optimizer.
+`training_actions` builds the training loop's actions that need the VAE or Inception (the
+decoded sample grid, the periodic FID-n): main.py hands it to train.train_and_evaluate, so that
+the loop itself imports neither. `evaluate` is main.py --mode=eval, which restores only the
+sampling weights (state.Weights) and builds no optimizer.
 """
 import json
 import math
@@ -36,7 +38,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kdiff_jax import console, data, images, parallel, sampling, state
+from kdiff_jax import actions, console, data, images, parallel, sampling, state, viewing
 from kdiff_jax.data import latents
 from kdiff_jax.models import inception, vae
 
@@ -300,6 +302,39 @@ class FidAction:
             f"inception_score_{self.num_samples}": inception_score(logits)}
 
 
+class Fid:
+  """The loop's action every eval.fid_every steps and at the last: FID-n and IS of
+  eval.fid_num_samples samples."""
+
+  def __init__(self, context: actions.Sampling):
+    self.every = context.config.eval.fid_every
+    self.params_of = context.params_of
+    self.fid = FidAction(context.config, context.mesh, context.sample)
+    self.writer = context.writer
+
+  def due(self, step: int, last: bool) -> bool:
+    return last or step % self.every == 0
+
+  def dry_run(self, abstract_params) -> None:
+    self.fid.evaluator.dry_run(abstract_params)
+
+  def __call__(self, step: int, state) -> None:
+    metrics = self.fid(self.params_of(state))
+    self.writer.scalars(step, metrics)
+    console.info("fid       step %d: %s", step,
+                 ", ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
+
+
+def training_actions(context: actions.Sampling) -> list:
+  """The training loop's sampling actions: the sample grid, latents decoded by the VAE
+  (viewing.viewable), and with eval.fid_every the in-loop FID-n."""
+  config = context.config
+  found = [actions.SampleGrid(context, show=lambda samples: viewing.viewable(config, samples))]
+  if config.eval.fid_every:
+    found.append(Fid(context))
+  return found
+
+
 def evaluate(config, workdir: str, step=None) -> dict:
   """main.py --mode=eval: FID, IS, precision and recall of eval.num_samples samples of the
   checkpoint in workdir (sampler, steps and guidance from config.sampling); writes a .json."""
@@ -318,8 +353,9 @@ def evaluate(config, workdir: str, step=None) -> dict:
                  inception_score=inception_score(logits))
   if reference["features"] is not None:
     results["precision"], results["recall"] = precision_recall(reference["features"], features)
-  s = config.sampling
-  name = f"eval_step{step}_{s.method}_{s.num_steps}steps_w{s.guidance_scale:g}_n{num}.json"
+  sampling_config = config.sampling
+  name = (f"eval_step{step}_{sampling_config.method}_{sampling_config.num_steps}steps"
+          f"_w{sampling_config.guidance_scale:g}_n{num}.json")
   path = os.path.join(workdir, name)
   if jax.process_index() == 0:
     with open(path, "w") as f:

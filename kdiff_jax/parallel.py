@@ -95,18 +95,66 @@ def mesh_shape(mesh_config, num_devices: int) -> dict:
   return sizes
 
 
+def physical_shape(devices) -> tuple:
+  """The grid of chips the devices sit on ('4x4x4' of a v5p-128 as (4, 4, 4)); () for devices
+  without coordinates (CPU, GPU)."""
+  coords = [getattr(device, "coords", None) for device in devices]
+  if any(c is None for c in coords):
+    return ()
+  return tuple(max(c[i] for c in coords) - min(c[i] for c in coords) + 1
+               for i in range(len(coords[0])))
+
+
+def _fitting_shapes(num_devices: int, devices) -> list:
+  """'data=a fsdp=b' of the two-axis meshes (tensor = 1) that jax.make_mesh lays out on these
+  devices without splitting a physical axis."""
+  found = []
+  for data in range(1, num_devices + 1):
+    if num_devices % data:
+      continue
+    try:
+      jax.make_mesh((data, num_devices // data, 1), MESH_AXES, devices=devices)
+    except Exception:  # noqa: BLE001 -- this shape does not follow the torus
+      continue
+    found.append(f"data={data} fsdp={num_devices // data}")
+  return found
+
+
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """The mesh of config.mesh on `devices` (default: all), in the hardware's own order."""
+  """The mesh of config.mesh on `devices` (default: all), in the hardware's own order.
+
+  jax.make_mesh lays each mesh axis along whole axes of the chips' torus. A shape that does not
+  follow the torus (data=2 x fsdp=32 on a v5p-128's 4x4x4 chips) is laid out by letting JAX
+  split a physical axis (mesh_utils' allow_split_physical_axes; valid, with some collectives
+  over more hops), said in one console line; a shape that cannot be laid out even so stops the
+  run before anything compiles, naming the mesh fields, the chips' shape and the shapes that fit.
+  """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   slices = mesh_config.dcn_data
+  from jax.experimental import mesh_utils
   if slices == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except (NotImplementedError, ValueError, AssertionError) as error:
+      physical = "x".join(map(str, physical_shape(devices))) or "?"
+      requested = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+      try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      except Exception:  # noqa: BLE001 -- reported with the first error below
+        raise ValueError(
+            f"mesh.data/fsdp/tensor: {requested} cannot be laid out on the {len(devices)} "
+            f"devices' {physical} torus ({type(error).__name__}); shapes that fit: "
+            f"{', '.join(_fitting_shapes(len(devices), devices)) or 'none found'}") from error
+      from kdiff_jax import console
+      console.info("mesh %s does not follow the %s torus's axes: JAX splits a physical axis "
+                   "(valid; some collectives take more hops; %s follow it)", requested,
+                   physical, ", ".join(_fitting_shapes(len(devices), devices)[:4]))
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
   if sizes["data"] % slices:
     raise ValueError(f"mesh.data={sizes['data']} must be a multiple of mesh.dcn_data={slices}")
-  from jax.experimental import mesh_utils
   per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
   grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)

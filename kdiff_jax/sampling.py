@@ -94,26 +94,30 @@ def check(config) -> None:
 
 def _plan(config, description, options):
   """The host-side plan of config.sampling for `description` (raises where it cannot run)."""
-  s = config.sampling
+  sampling_config = config.sampling
   if isinstance(description, objectives.TerminalVelocity):
     return time_grid(config, description)
   if isinstance(description, objectives.OneStepMap):
-    times = grids.time_grid(description.schedule, s.num_steps, s.grid, t_start=s.t_start,
-                            t_end=s.t_end, **options)
-    return samplers.imm.plan(description.schedule, times, s.method, description.sigma_d)
+    times = grids.time_grid(description.schedule, sampling_config.num_steps, sampling_config.grid,
+                            t_start=sampling_config.t_start, t_end=sampling_config.t_end,
+                            **options)
+    return samplers.imm.plan(description.schedule, times, sampling_config.method,
+                             description.sigma_d)
   if isinstance(description, objectives.AverageVelocity):
     return time_grid(config, description)
   return samplers.plan(schedule=description.schedule, prediction=description.prediction,
-                       method=s.method, num_steps=s.num_steps, grid=s.grid, t_start=s.t_start,
-                       t_end=s.t_end, noise_std=description.noise_std, **options)
+                       method=sampling_config.method, num_steps=sampling_config.num_steps,
+                       grid=sampling_config.grid, t_start=sampling_config.t_start,
+                       t_end=sampling_config.t_end, noise_std=description.noise_std, **options)
 
 
 def time_grid(config, description) -> np.ndarray:
   """The float64 times config.sampling steps through."""
-  s = config.sampling
-  options = samplers.configured_options(s.method, s.grid, s.options)
-  return grids.time_grid(description.schedule, s.num_steps, s.grid, t_start=s.t_start,
-                         t_end=s.t_end, **options)
+  sampling_config = config.sampling
+  options = samplers.configured_options(sampling_config.method, sampling_config.grid,
+                                        sampling_config.options)
+  return grids.time_grid(description.schedule, sampling_config.num_steps, sampling_config.grid,
+                         t_start=sampling_config.t_start, t_end=sampling_config.t_end, **options)
 
 
 def build(config, description, apply_fn):
@@ -121,10 +125,11 @@ def build(config, description, apply_fn):
 
   apply_fn(net_params, x_t, t, labels, s=None) is the network (state.Model.apply).
   """
-  s = config.sampling
-  options = samplers.configured_options(s.method, s.grid, s.options)
-  guide = dict(null_label=config.data.num_classes, guidance_scale=s.guidance_scale,
-               guidance_interval=tuple(s.guidance_interval))
+  sampling_config = config.sampling
+  options = samplers.configured_options(sampling_config.method, sampling_config.grid,
+                                        sampling_config.options)
+  guide = dict(null_label=config.data.num_classes, guidance_scale=sampling_config.guidance_scale,
+               guidance_interval=tuple(sampling_config.guidance_interval))
 
   if isinstance(description, objectives.AverageVelocity):
     times = time_grid(config, description)
@@ -142,7 +147,8 @@ def build(config, description, apply_fn):
       del key  # deterministic
       network = lambda x, t, h, y, beta: description.network(apply_fn, params["net"], x, t, h, y,
                                                              beta)
-      return samplers.tvm.sample(network, noise, labels, times=times, cfg=s.guidance_scale,
+      return samplers.tvm.sample(network, noise, labels, times=times,
+                                 cfg=sampling_config.guidance_scale,
                                  scale_output=description.scale_output)
     return sample
 
@@ -151,8 +157,9 @@ def build(config, description, apply_fn):
       raw_fn = lambda x_t, s_, t, y: description.network(apply_fn, params["net"], x_t, s_, t, y)
       return samplers.imm.sample(
           raw_fn, description.map, noise, labels, schedule=description.schedule,
-          method=s.method, num_steps=s.num_steps, grid=s.grid, t_start=s.t_start,
-          t_end=s.t_end, noise_std=description.sigma_d, key=key, **guide, **options)
+          method=sampling_config.method, num_steps=sampling_config.num_steps,
+          grid=sampling_config.grid, t_start=sampling_config.t_start,
+          t_end=sampling_config.t_end, noise_std=description.sigma_d, key=key, **guide, **options)
     return sample
 
   def sample(params, noise, labels, key):
@@ -163,9 +170,9 @@ def build(config, description, apply_fn):
     k = None if description.k is None else (lambda t: description.k(params, t))
     return samplers.sample(
         model_fn, noise, schedule=description.schedule, prediction=description.prediction,
-        method=s.method, num_steps=s.num_steps, key=key, grid=s.grid, t_start=s.t_start,
-        t_end=s.t_end, k=k, noise_std=description.noise_std,
-        min_divisor=description.min_divisor, **options)
+        method=sampling_config.method, num_steps=sampling_config.num_steps, key=key,
+        grid=sampling_config.grid, t_start=sampling_config.t_start, t_end=sampling_config.t_end,
+        k=k, noise_std=description.noise_std, min_divisor=description.min_divisor, **options)
 
   return sample
 

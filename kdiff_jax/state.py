@@ -96,13 +96,6 @@ class Weights:
     self.shardings = parallel.tree_shardings(self.abstract, logical, mesh, config.mesh.rules)
     parallel.check_replicated(self.abstract, self.shardings, mesh, config.mesh.replicated_limit)
 
-  def initial(self):
-    """The initial parameters, created directly in their shardings."""
-    def init():
-      return {"net": init_net(self.config), **self.objective.extra_params}
-    with nnx.use_eager_sharding(False), jax.set_mesh(self.mesh):
-      return jax.jit(init, out_shardings=self.shardings)()
-
   def restore(self, workdir: str, *, use_ema: bool, step=None):
     """(params, step): the first EMA's weights (use_ema and training.ema_decays) or the raw ones
     of the checkpoint at `step` (default: the latest), in their shardings on this mesh."""

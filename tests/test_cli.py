@@ -9,8 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def run_main(*args, cwd=ROOT, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -45,6 +45,30 @@ def test_mistakes_answer_in_one_line(tmp_path, args, message):
   import re
   assert re.search(message, lines[0]), lines[0]
   assert not (tmp_path / "w").exists() and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/digits_fm.py", "--config.training.batch_size=6"],
+     r"training.batch_size=6 must be divisible by the 4 batch shards"),
+    (["--config=configs/digits_fm.py", "--config.mesh.data=3"],
+     r"mesh: 4 devices do not divide by fixed axes"),
+    (["--config=configs/imm_digits.py", "--config.objective.imm.group_size=3",
+      "--config.training.batch_size=8"],
+     r"training.batch_size=8 gives 2 examples per device, not a multiple of the objective's "
+     r"group size 3"),
+], ids=["batch-over-devices", "mesh-data", "imm-group"])
+def test_mistakes_found_at_mesh_time_leave_no_workdir(tmp_path, args, message):
+  """On 4 devices: found after the workdir was prepared, before anything is written; the
+  workdir this run created (two levels of it) is removed again, a workdir that existed stays."""
+  import re
+  (tmp_path / "existing").mkdir()
+  for workdir in (tmp_path / "new" / "run", tmp_path / "existing"):
+    result = run_main(*args, f"--workdir={workdir}", devices=4)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert re.search(message, lines[0]), lines[0]
+  assert sorted(os.listdir(tmp_path)) == ["existing"]
+  assert os.listdir(tmp_path / "existing") == []
 
 
 def test_verbosity_shows_the_traceback(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kdiff_jax import checkpoint, train
+from kdiff_jax import checkpoint, train_state
 from tests.test_evaluate import random_inception  # noqa: F401 (a fixture)
 
 # pytest-xdist runs the tests that share the digits demo on one worker.
@@ -21,14 +21,17 @@ def test_sample_eval_export_read_neither_the_optimizer_state_nor_a_config(
     digits_fm_run, random_inception, tmp_path):  # noqa: F811
   config, workdir = digits_fm_run
   shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
-  steps = sorted(os.listdir(tmp_path / "checkpoints"))
+  steps = sorted(os.listdir(tmp_path / "checkpoints"), key=int)
   for step in steps:
     shutil.rmtree(tmp_path / "checkpoints" / step / "opt_state")
-  # Training does need what was deleted: the full train state no longer restores.
-  s = train.setup(config)
+  # Training does need what was deleted: the full train state no longer restores, and the
+  # refusal names the step and the missing item.
+  setup = train_state.setup(config)
   mngr = checkpoint.manager(str(tmp_path), config.checkpoint)
-  with pytest.raises(Exception):
-    checkpoint.restore(mngr, s.abstract_state, step=int(steps[-1]))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"checkpoint step {steps[-1]} does not restore: .*/{steps[-1]}/"
+                           r"opt_state is missing"):
+    checkpoint.restore(mngr, setup.abstract_state, step=int(steps[-1]))
   mngr.close()
 
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from kdiff_jax import actions, checkpoint, train
+from kdiff_jax import actions, checkpoint, train, train_state
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
 pytestmark = pytest.mark.xdist_group("train")
@@ -35,16 +35,16 @@ def tiny_config(**mesh):
 
 
 def run_steps(config, devices, num_steps):
-  s = train.setup(config, devices)
-  state = train.init_state(s)
-  step = train.make_train_step(s)
+  setup = train_state.setup(config, devices)
+  state = train_state.init_state(setup)
+  train_step = train_state.make_train_step(setup)
   from kdiff_jax import data, parallel
-  it = data.build_iterator(config.data, global_batch_size=config.training.batch_size,
-                           sharding=parallel.batch_sharding(s.mesh, config.mesh.rules),
-                           seed=config.seed)
+  batches = data.build_iterator(config.data, global_batch_size=config.training.batch_size,
+                                sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules),
+                                seed=config.seed)
   losses = []
   for _ in range(num_steps):
-    state, metrics = step(state, next(it))
+    state, metrics = train_step(state, next(batches))
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), losses
 
@@ -72,8 +72,8 @@ def test_one_device_and_eight_devices_agree(one_device_run, mesh):
 
 
 def test_fsdp_actually_shards_parameters():
-  s = train.setup(tiny_config(data=2, fsdp=4), jax.devices())
-  specs = [sh.spec for sh in jax.tree.leaves(s.state_shardings["params"])]
+  setup = train_state.setup(tiny_config(data=2, fsdp=4), jax.devices())
+  specs = [sharding.spec for sharding in jax.tree.leaves(setup.state_shardings["params"])]
   assert any("fsdp" in str(spec) for spec in specs)
 
 
@@ -93,9 +93,9 @@ def test_fsdp_checkpoint_restores_on_one_device(tmp_path):
   config = tiny_config(data=1, fsdp=8)
   config.training.num_steps = 2
   saved = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
-  s = train.setup(tiny_config(data=1, fsdp=1), jax.devices()[:1])
+  setup = train_state.setup(tiny_config(data=1, fsdp=1), jax.devices()[:1])
   mngr = checkpoint.manager(str(tmp_path), config.checkpoint)
-  restored, position = checkpoint.restore(mngr, s.abstract_state)
+  restored, position = checkpoint.restore(mngr, setup.abstract_state)
   assert position == 2 and mngr.latest_step() == 2
   assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(restored))
   for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored))):

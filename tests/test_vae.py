@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from kdiff_jax import actions  # noqa: E402
+from kdiff_jax import viewing  # noqa: E402
 from kdiff_jax.models import vae  # noqa: E402
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
@@ -112,12 +112,12 @@ def test_viewable_unnormalizes_then_decodes(small_vae):
       config.data.latent_channel_mean)
   with torch.no_grad():
     expected = nhwc(reference.decode(nchw(z.astype(np.float32))).sample)
-  shown = actions.viewable(config, samples)
+  shown = viewing.viewable(config, samples)
   assert shown.shape == (3, 16, 16, 3)
   np.testing.assert_allclose(shown, expected, atol=1e-4)
   config.data.vae_path = ""
-  np.testing.assert_array_equal(actions.viewable(config, samples), samples[..., :3])
+  np.testing.assert_array_equal(viewing.viewable(config, samples), samples[..., :3])
   config.data.name = "synthetic"  # an imported latent model: its latent statistics say so
-  np.testing.assert_array_equal(actions.viewable(config, samples), samples[..., :3])
+  np.testing.assert_array_equal(viewing.viewable(config, samples), samples[..., :3])
   config.data.update(name="digits", latent_channel_mean=(), latent_channel_std=())
-  np.testing.assert_array_equal(actions.viewable(config, samples), samples)
+  np.testing.assert_array_equal(viewing.viewable(config, samples), samples)

@@ -31,7 +31,7 @@ from flax import nnx
 from safetensors import numpy as safetensors_numpy
 
 from kdiff_jax import checkpoint, config as config_lib, console, models, objectives, parallel
-from kdiff_jax import sampling, state, train
+from kdiff_jax import sampling, state, train_state
 from kdiff_jax.export import convert, pretrained
 from kdiff_jax.models import dit, jit, unet
 
@@ -211,17 +211,17 @@ def init_workdir(config, workdir: str, net_params) -> None:
   `main.py --config=... --workdir=...` then resumes from it: fine-tuning with a fresh optimizer
   (and the objective's initial extra parameters, e.g. k-Diff's w_k).
   """
-  s = train.setup(config)
+  setup = train_state.setup(config)
   mngr = checkpoint.manager(workdir, config.checkpoint)
   if mngr.latest_step() is not None:
     raise FileExistsError(f"--workdir={workdir} already has checkpoints: import into a new workdir")
-  train_state = train.init_state(s)
-  shardings = s.state_shardings["params"]["net"]
+  initial = train_state.init_state(setup)
+  shardings = setup.state_shardings["params"]["net"]
   net = jax.tree.map(lambda value, sharding: jax.device_put(np.asarray(value), sharding),
                      net_params, shardings)
-  train_state["params"] = {**train_state["params"], "net": net}
-  train_state["ema"] = {key: {**ema, "net": net} for key, ema in train_state["ema"].items()}
-  checkpoint.save(mngr, 0, train_state, 0, config)
+  initial["params"] = {**initial["params"], "net": net}
+  initial["ema"] = {key: {**ema, "net": net} for key, ema in initial["ema"].items()}
+  checkpoint.save(mngr, 0, initial, 0, config)
   mngr.wait_until_finished()
   mngr.close()
   console.info("import: wrote the imported weights as step 0 of %s", workdir)

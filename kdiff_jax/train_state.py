@@ -1,0 +1,173 @@
+"""The train state: what a config builds before any step runs, the state's initial value and the step.
+
+  setup = train_state.setup(config, devices)   # mesh, weights, optimizer, abstract state
+  state = train_state.init_state(setup)         # created directly in its shardings
+  train_step = train_state.make_train_step(setup)
+  state, metrics = train_step(state, batch)
+
+The train state is a plain pytree {step, params, opt_state, ema, rng}; params = {'net': the
+model's parameters as a pure dict, **the objective's extra parameters}. An objective with a
+`teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
+updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
+loss as `teacher=`. The step's randomness
+is fold_in(rng, step): a resumed run draws exactly what a straight run does. The training loop
+(train.py), the ahead-of-time compiles (aot.py) and the import of released weights
+(export/checkpoints.py) build their state here; nothing here runs a loop, samples or evaluates.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kdiff_jax import checkpoint, config as config_lib, data, parallel, state as state_lib
+
+# The step's metric that names the first parameter whose gradient is not finite (its index among
+# the leaves of params, -1 when all are finite): a diagnosis, not written to TensorBoard.
+FIRST_NONFINITE_GRADIENT = "first_nonfinite_gradient"
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before any step runs."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  weights: state_lib.Weights
+  optimizer: optax.GradientTransformation
+  abstract_state: Any     # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+
+  @property
+  def objective(self):
+    return self.weights.objective
+
+  @property
+  def model(self) -> state_lib.Model:
+    return self.weights.model
+
+
+def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter 2019) with linear warm-up, then constant or cosine decay.
+
+  Weight decay applies to arrays with ndim >= 2 only: never to biases, norms or scalars such
+  as k-Diff's w_k.
+  """
+  lr, warmup = opt_config.learning_rate, opt_config.warmup_steps
+  if opt_config.lr_schedule == "constant":
+    schedule = optax.warmup_constant_schedule(0.0 if warmup else lr, lr, max(warmup, 1))
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                      weight_decay=opt_config.weight_decay, mask=decay_mask)
+  if opt_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw)
+  return adamw
+
+
+def setup(config, devices=None) -> Setup:
+  """Validate the config, build mesh, model, objective, optimizer and the state's shardings."""
+  config_lib.validate(config)
+  mesh = parallel.make_mesh(config.mesh, devices)
+  weights = state_lib.Weights(config, mesh)
+  parallel.check_batch(config.training.batch_size,
+                       parallel.batch_sharding(mesh, config.mesh.rules),
+                       field="training.batch_size", group_size=weights.objective.group_size)
+  optimizer = make_optimizer(config.optimizer, config.training.num_steps)
+  abstract_opt = jax.eval_shape(optimizer.init, weights.abstract)
+  replicated = parallel.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_opt, weights.shardings,
+      transform_non_params=lambda _: replicated)
+  emas = [checkpoint.ema_key(d) for d in config.training.ema_decays]
+  state_shardings = {"step": replicated, "params": weights.shardings, "opt_state": opt_shardings,
+                     "ema": {key: weights.shardings for key in emas}, "rng": replicated}
+  abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": weights.abstract,
+                    "opt_state": abstract_opt, "ema": {key: weights.abstract for key in emas},
+                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  if weights.objective.teacher_decay is not None:   # the objective's EMA teacher (TVM)
+    state_shardings["teacher"] = weights.shardings
+    abstract_state["teacher"] = weights.abstract
+  abstract_state = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+  built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings)
+  _check_per_step_metrics(built)
+  return built
+
+
+def _check_per_step_metrics(setup: Setup) -> None:
+  """training.per_step_metrics name metrics the step returns (traced with abstract shapes)."""
+  config = setup.config
+  wanted = set(config.training.per_step_metrics)
+  if not wanted:
+    return
+  batch = config.training.batch_size
+  abstract_batch = {
+      "image": jax.ShapeDtypeStruct((batch,) + data.element_shape(config.data), jnp.float32),
+      "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  _, metrics = jax.eval_shape(setup.objective.loss, setup.weights.abstract, abstract_batch,
+                              jax.random.key(0))
+  known = sorted(set(metrics) | {"loss", "grad_norm"})
+  if wanted - set(known):
+    raise ValueError(f"training.per_step_metrics={tuple(config.training.per_step_metrics)}: "
+                     f"objective.name={config.objective.name!r} logs only {known}")
+
+
+def init_state(setup: Setup):
+  """The real initial state, created directly in its shardings."""
+  config = setup.config
+
+  def init():
+    params = {"net": state_lib.init_net(config), **setup.objective.extra_params}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": setup.optimizer.init(params),
+        "ema": {checkpoint.ema_key(d): params for d in config.training.ema_decays},
+        "rng": jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32),
+        **({"teacher": params} if setup.objective.teacher_decay is not None else {}),
+    }
+
+  with nnx.use_eager_sharding(False), jax.set_mesh(setup.mesh):
+    return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def make_train_step(setup: Setup):
+  """train_step(state, batch) -> (state, metrics), jitted with shardings and a donated state."""
+  decays = tuple(setup.config.training.ema_decays)
+  objective, optimizer = setup.objective, setup.optimizer
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    teacher = {"teacher": state["teacher"]} if "teacher" in state else {}
+    (loss, metrics), grads = grad_fn(state["params"], batch, rng, **teacher)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = {checkpoint.ema_key(d): jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p,
+                                               state["ema"][checkpoint.ema_key(d)], params)
+           for d in decays}
+    finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    first_nonfinite = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               FIRST_NONFINITE_GRADIENT: first_nonfinite}
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
+    if "teacher" in state:   # teacher <- lerp toward the updated weights, every step
+      d = objective.teacher_decay
+      new_state["teacher"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["teacher"],
+                                          params)
+    return new_state, metrics
+
+  batch_sharding = parallel.batch_sharding(setup.mesh, setup.config.mesh.rules)
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, {"image": batch_sharding,
+                                                                   "label": batch_sharding}),
+                 out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+def sampling_params(state, config):
+  """The EMA weights of the first decay when sampling.use_ema, else the raw weights."""
+  if config.sampling.use_ema and config.training.ema_decays:
+    return state["ema"][checkpoint.ema_key(config.training.ema_decays[0])]
+  return state["params"]

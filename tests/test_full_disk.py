@@ -1,0 +1,75 @@
+"""A full disk during a save, for real: the digits demo at tiny sizes trains on a 5 MiB tmpfs,
+whose third checkpoint (step 6) does not fit. Synchronous and asynchronous saves end in the
+README's one line, as the last console line and with no traceback: the step whose save failed,
+"no space left on device", the newest intact checkpoint (step 4) and the size of a save; no save
+is announced before it is committed. With more space the same command resumes from step 4.
+
+Mounting a tmpfs needs root (CI's containers run as root); elsewhere these tests skip, and
+test_checkpoint.py's injected failures (sync and async) still run.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NORMAL = re.compile(r"^\d\d:\d\d:\d\d (kdiff_jax train |  |step \d+/\d+ |checkpoint step \d+ -> )")
+
+
+@pytest.fixture
+def small_disk():
+  """A fresh 5 MiB tmpfs (unmounted afterwards); skips where mounting is not allowed."""
+  directory = tempfile.mkdtemp(prefix="kdiff_jax_full_disk_")
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", directory],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    os.rmdir(directory)
+    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
+  try:
+    yield directory
+  finally:
+    subprocess.run(["umount", directory], check=False)
+    os.rmdir(directory)
+
+
+def train(workdir, async_save: bool):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/digits_fm.py", f"--workdir={workdir}",
+       "--config.training.num_steps=8", "--config.training.checkpoint_every=2",
+       "--config.training.log_every=2", "--config.training.sample_every=0",
+       "--config.training.batch_size=16", "--config.sampling.num_steps=2",
+       f"--config.checkpoint.async_save={str(async_save).lower()}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  # stderr is printed after stdout: the error line is the last line either way
+  return result.returncode, (result.stdout + result.stderr).strip().splitlines()
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_ends_in_one_line_naming_the_failed_step(small_disk, async_save):
+  workdir = os.path.join(small_disk, "run")
+  code, lines = train(workdir, async_save)
+  console = "\n".join(lines)
+  assert code == 2, console
+  added = [line for line in lines if not NORMAL.match(line)]
+  assert len(added) <= 5 and added[-1] == lines[-1], console
+  assert "Traceback" not in console and "Exception ignored" not in console, console
+  assert re.fullmatch(
+      r"error: saving checkpoint step 6 failed \(no space left on device\); the newest intact "
+      rf"checkpoint is step 4 under {re.escape(workdir)}/checkpoints; a save writes about "
+      r"[\d.]+ MiB: free that much space and run the same command again to resume",
+      lines[-1]), lines[-1]
+  announced = re.findall(r"checkpoint step (\d+) ->", console)
+  assert announced == ["2", "4"], console
+  # the background threads' tracebacks are kept, in the workdir's log
+  assert "No space left on device" in open(os.path.join(workdir, "log.txt")).read()
+
+  if async_save:   # nothing lost: with room on the disk the same command resumes from step 4
+    subprocess.run(["mount", "-o", "remount,size=64m", small_disk], check=True)
+    code, lines = train(workdir, async_save)
+    assert code == 0, "\n".join(lines)
+    assert any("resumed from step 4; 4 steps to go" in line for line in lines), lines
+    assert "done: steps 5-8" in lines[-1], lines
