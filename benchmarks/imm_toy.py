@@ -1,4 +1,4 @@
-"""IMM against flow matching on 2-D toy data, at 1, 2, 4 and 8 steps (specs/imm.md, last test).
+"""IMM against flow matching on 2-D toy data, at 1, 2, 4 and 8 steps (docs/objectives/imm.md, "Checks").
 
 Both objectives train the same time-conditioned MLP (model.name = 'mlp'; IMM adds the embedder
 of its second time s) for the same steps, batch and optimizer, through the real trainer

@@ -1,4 +1,4 @@
-"""k-Diff's dimensionality experiment: the learned k against D/(D+d) (specs/kdiff.md, "Tests").
+"""k-Diff's dimensionality experiment: the learned k against D/(D+d) (docs/objectives/kdiff.md, "Checks").
 
 Data x = A·z on a random d-dimensional subspace of R^D (A: D x d with orthonormal columns,
 z ~ N(0, I_d), so E||x||^2 = d against E||n||^2 = D for the noise). A denoiser predicts

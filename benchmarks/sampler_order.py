@@ -1,4 +1,4 @@
-"""Measured global convergence order of every sampler (specs/samplers.md, "Tests that prove it").
+"""Measured global convergence order of every sampler (docs/samplers.md, "What the tests check").
 
 Data N(mu, diag s^2) in float64 with its exact denoiser
   x_hat = mu + alpha·s^2/c·(x - alpha·mu),  n_hat = sigma·s_n^2/c·(x - alpha·mu),  c = alpha^2 s^2 + sigma^2 s_n^2,

@@ -1,4 +1,4 @@
-"""IMM on CIFAR-10 pixels (Zhou, Ermon, Song 2025; specs/imm.md) with the paper's DDPM++ U-Net.
+"""IMM on CIFAR-10 pixels (Zhou, Ermon, Song 2025; docs/objectives/imm.md) with the paper's DDPM++ U-Net.
 
 The released model (lumalabs/imm configs/cifar10_generate_images.yaml): EDM's SongUNet in its
 DDPM++ form (128 channels, multipliers [2, 2, 2], 4 blocks per level, attention at 16x16,

@@ -1,4 +1,4 @@
-"""IMM on CIFAR-10 pixels with a DiT-B/2 backbone: configs/imm_cifar10.py's recipe (specs/imm.md)
+"""IMM on CIFAR-10 pixels with a DiT-B/2 backbone: configs/imm_cifar10.py's recipe (docs/objectives/imm.md)
 with a transformer in place of the paper's U-Net.
 
 Differences from the paper, said plainly:

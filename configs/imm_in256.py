@@ -1,6 +1,6 @@
 """IMM on ImageNet 256x256: DiT-XL/2 on 32x32x4 SD-VAE latents, the paper's 1.99-FID recipe.
 
-Zhou, Ermon, Song 2025 (specs/imm.md): rectified flow with sigma_d = 0.5, T = 0.994, eps = 0;
+Zhou, Ermon, Song 2025 (docs/objectives/imm.md): rectified flow with sigma_d = 0.5, T = 0.994, eps = 0;
 euler_fm map, Laplace kernel, M = 4 particles per group, k = 12; stride conditioning (the
 second time embedder sees t - s) with a = 2, b = 4 and a minimum gap Delta = 1e-4 for
 low-precision (bf16) compute, the target pass in float32. AdamW lr 1e-4, (0.9, 0.999),

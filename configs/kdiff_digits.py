@@ -2,7 +2,7 @@
 
 The digits demo (configs/digits_fm.py: a tiny DiT, logit-normal times, Heun sampling with mild
 guidance) with the k-Diff objective: u = k·x - (1-k)·n, k = sigmoid(w_k_scale·w_k) from k = 1/2,
-scored as a velocity with the clamp 0.05, and k logged every step. Theory (specs/kdiff.md):
+scored as a velocity with the clamp 0.05, and k logged every step. Theory (docs/objectives/kdiff.md):
 k* = D/(D+d) > 1/2 for D = 64 pixels on a lower-dimensional digit manifold (95% of the variance
 in 29 principal components: 64/93 = 0.69), so k should rise above 1/2. The gradient on w_k is
 noisy (signal-to-noise about 0.1 per batch), so at the network's learning rate k moves only to

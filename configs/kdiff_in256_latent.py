@@ -1,6 +1,6 @@
 """k-Diff on ImageNet 256x256 latents: DiT-XL/2 on 32x32x4 SD-VAE latents with a learned target.
 
-Jin & Wang 2026 (specs/kdiff.md): u = k·x - (1-k)·n, k = sigmoid(w_k) from 1/2, scored as a
+Jin & Wang 2026 (docs/objectives/kdiff.md): u = k·x - (1-k)·n, k = sigmoid(w_k) from 1/2, scored as a
 velocity with the clamp max(Delta, 0.05); on compressed latents (D close to d) the theory puts
 k near 1/2 and the paper learns k ≈ 0.66 (FID 2.05 against v-prediction's 2.08 at 64 epochs,
 with a LightningDiT-XL on VA-VAE latents). Here the model is this codebase's DiT-XL/2 on SD-VAE

@@ -1,6 +1,6 @@
 """k-Diff on ImageNet 256x256 pixels: JiT-B/16 with a learned target, the JiT recipe.
 
-Jin & Wang 2026 (specs/kdiff.md): JiT-B/16 (Li & He 2025; 131M parameters, models/jit.py)
+Jin & Wang 2026 (docs/objectives/kdiff.md): JiT-B/16 (Li & He 2025; 131M parameters, models/jit.py)
 predicts u = k·x - (1-k)·n, k = sigmoid(w_k) from 1/2, scored as a velocity with the clamp
 max(Delta, 0.05); the paper reports k -> 1 (x-prediction) and FID 3.64 against JiT's 3.66.
 JiT's recipe in this codebase's time (t = 0 data, t_ours = 1 - t_JiT): logit-normal times with

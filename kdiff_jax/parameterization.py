@@ -1,4 +1,4 @@
-"""The interchangeable network parameterizations, for any schedule (specs/parameterization.md).
+"""The interchangeable network parameterizations, for any schedule (docs/parameterization.md).
 
 Given x_t = alpha·x + sigma·n (n ~ N(0, noise_std^2 I)), a network output in one of
 

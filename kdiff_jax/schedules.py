@@ -1,6 +1,6 @@
 """Interpolant schedules x_t = alpha(t)·x + sigma(t)·n, with t = 0 data and t = 1 noise.
 
-One convention for the whole codebase (specs/parameterization.md). Every schedule gives
+One convention for the whole codebase (docs/parameterization.md). Every schedule gives
 alpha, sigma, their time derivatives, lambda = log(alpha/sigma), eta = sigma/alpha and the
 inverse of eta. The functions are written for both NumPy and JAX: NumPy inputs (floats or
 ndarrays) are evaluated in float64 on the host (samplers precompute coefficients that way),

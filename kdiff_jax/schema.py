@@ -79,14 +79,14 @@ def defaults() -> ml_collections.ConfigDict:
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
   objective.time_sampling = "uniform"  # uniform | logit_normal
-  objective.logit_normal_mean = 0.0  # in our convention (t = 0 data); see specs/parameterization.md
+  objective.logit_normal_mean = 0.0  # in our convention (t = 0 data); see docs/parameterization.md
   objective.logit_normal_std = 1.0
   objective.t_min = 0.0           # times are drawn in [t_min, t_max]
   objective.t_max = 1.0
   objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
   objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
   objective.min_divisor = 0.0     # clamp of divisions by sigma / alpha / Delta near the ends (JiT: 0.05)
-  # objective.name = imm (specs/imm.md): sigma_d = noise_std (0.5), [eps, T] = [t_min, t_max];
+  # objective.name = imm (docs/objectives/imm.md): sigma_d = noise_std (0.5), [eps, T] = [t_min, t_max];
   # needs model.second_time_embedder = True.
   objective.imm = imm = ml_collections.ConfigDict()
   imm.group_size = 4              # M particles per group, one (s, r, t) per group
@@ -102,7 +102,7 @@ def defaults() -> ml_collections.ConfigDict:
   imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)
   imm.drop_target_labels = False  # also give the target pass the dropped labels
   imm.target_full_precision = True  # target pass in float32 whatever model.compute_dtype
-  # objective.name = kdiff (specs/kdiff.md): u = k·x - (1-k)·n scored as a velocity with the clamp
+  # objective.name = kdiff (docs/objectives/kdiff.md): u = k·x - (1-k)·n scored as a velocity with the clamp
   # objective.min_divisor (0.05); k = sigmoid(w_k), w_k trained with the net (no decay, in the EMA).
   objective.kdiff = kdiff = ml_collections.ConfigDict()
   kdiff.learnable = True          # False: k fixed at k_init (0 = eps, 0.5 = v, 1 = x baselines)

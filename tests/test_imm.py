@@ -142,7 +142,7 @@ def test_intermediate_time_formula_range_and_monotonicity(t_min, k, delta):
 
 
 def test_intermediate_time_gaps_match_the_paper():
-  """specs/imm.md: T = 0.994, k = 12 give t - r = 1e-2 at t = 0.5 and 4e-4 at t = 0.9."""
+  """docs/objectives/imm.md: T = 0.994, k = 12 give t - r = 1e-2 at t = 0.5 and 4e-4 at t = 0.9."""
   t = jnp.asarray([0.5, 0.9], jnp.float32)
   gap = t - imm.intermediate_time(jnp.zeros(2), t, RF, t_min=0.0, t_max=0.994, k=12, delta=0.0)
   np.testing.assert_allclose(gap, [1.03e-2, 4.06e-4], rtol=2e-2)

@@ -82,7 +82,7 @@ def test_velocity_conversion_closed_form(k):
 @pytest.mark.parametrize("min_divisor", [0.0, 0.05, 0.4])
 @pytest.mark.parametrize("k", [0.0, 0.5, 1.0, 0.27, 0.83])
 def test_loss_is_u_error_over_clamped_delta_squared(k, min_divisor):
-  """||v_hat - v||^2 = ||u_hat - u||^2 / max(Delta, m)^2, clamp on or off (parameterization.md)."""
+  """||v_hat - v||^2 = ||u_hat - u||^2 / max(Delta, m)^2, clamp on or off (docs/parameterization.md)."""
   x, n, t, x_t = _draws()
   u_hat = jax.random.normal(jax.random.key(3), x.shape)
   u = k * x - (1 - k) * n

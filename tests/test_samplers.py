@@ -1,4 +1,4 @@
-"""Samplers against exact Gaussian flows, model-free (specs/samplers.md, "Tests that prove it").
+"""Samplers against exact Gaussian flows, model-free (docs/samplers.md, "What the tests check").
 
 For data N(mu, diag s^2) the exact denoiser is x_hat = mu + alpha·s^2/c·(x - alpha·mu),
 n_hat = sigma·s_n^2/c·(x - alpha·mu), c = alpha^2 s^2 + sigma^2 s_n^2, handed to the sampler in

@@ -27,7 +27,7 @@ from kdiff_jax.data import builtin
 METADATA = "metadata.json"
 # IMM's normalisation of SD-VAE (stabilityai/sd-vae-ft-ema) ImageNet-256 latents: per-channel
 # mean and std of the posterior samples, scaled to std 0.5 (lumalabs/imm
-# configs/im256_generate_images.yaml; specs/imm.md). data.latent_channel_mean / _std / _scale.
+# configs/im256_generate_images.yaml; docs/objectives/imm.md). data.latent_channel_mean / _std / _scale.
 IMM_IMAGENET_STATS = dict(latent_channel_mean=(0.86488, -0.27787343, 0.21616915, 0.3738409),
                           latent_channel_std=(4.85503674, 5.31922414, 3.93725398, 3.9870003),
                           latent_scale=0.5)

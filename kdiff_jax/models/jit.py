@@ -1,7 +1,7 @@
 """JiT, the pixel-space "Just image Transformer" of Li & He (2025), "Back to Basics: Let
 Denoising Generative Models Denoise" (arXiv 2511.13720), in Flax NNX.
 
-A port of LTH14/JiT `model_jit.py` (specs/kdiff.md, "JiT-B/16"), NHWC:
+A port of LTH14/JiT `model_jit.py` (docs/objectives/kdiff.md, "JiT-B/16"), NHWC:
 
   c = t_embedder(time_scale·t) + y_embedder(y)               (JiT: raw t, time_scale = 1)
   x = x_embedder(x) + pos_embed        bottleneck patch embedding: conv p x p, C -> bottleneck

@@ -6,7 +6,7 @@
 With prediction = loss_target = 'velocity' on rectified flow this is conditional flow matching
 (Lipman et al. 2023, Eq. 23); an x-prediction scored in velocity space is JiT's recipe (Li & He
 2025). Changing the loss space is a per-time weighting of the x-loss
-(specs/parameterization.md, "Equivalent losses"), e.g. velocity-loss = x-loss / t^2 on
+(docs/parameterization.md, "Equivalent losses"), e.g. velocity-loss = x-loss / t^2 on
 rectified flow. The target goes through the same conversion as the prediction (with the same
 `min_divisor` clamp), so a clamp never makes prediction and target disagree.
 

@@ -1,4 +1,4 @@
-"""Inductive Moment Matching (Zhou, Ermon, Song 2025, arXiv 2503.07565; specs/imm.md).
+"""Inductive Moment Matching (Zhou, Ermon, Song 2025, arXiv 2503.07565; docs/objectives/imm.md).
 
 A few-step generator trained from scratch. Per group of M particles (independent (x, n, y)
 draws; n ~ N(0, sigma_d^2 I)) and one time triple eps <= s <= r < t <= T per group:
@@ -33,7 +33,7 @@ ESTIMATORS = ("v", "u")
 TIME_CONDITIONINGS = ("identity", "stride")
 
 # Floor on the squared distance inside the Laplace kernel's square root: the V-statistic has
-# distance-0 diagonal pairs, where d sqrt(u)/du is infinite (specs/imm.md).
+# distance-0 diagonal pairs, where d sqrt(u)/du is infinite (docs/objectives/imm.md, "The loss").
 SQUARED_DISTANCE_FLOOR = 1e-8
 # Floor on |c_out(s,t)| (the kernel scale): c_out = 0 when s = t, which float32 draws can hit.
 KERNEL_SCALE_FLOOR = 1e-8

@@ -1,9 +1,9 @@
-"""k-Diff: a learnable prediction target (Jin & Wang 2026, arXiv 2601.21419; specs/kdiff.md).
+"""k-Diff: a learnable prediction target (Jin & Wang 2026, arXiv 2601.21419; docs/objectives/kdiff.md).
 
 The network predicts u = k·x - (1-k)·n, a point on the line between data and noise, with
 k = sigmoid(w_k) and w_k one scalar trained by backprop with the network. On rectified flow
 (x_t = (1-t)·x + t·n, t = 0 data; the paper's z = t'·x + (1-t')·n with t' = 1 - t) the
-prediction is converted to a velocity and scored there (specs/kdiff.md, "Recipe"):
+prediction is converted to a velocity and scored there (docs/objectives/kdiff.md, "The loss"):
 
   Delta = k·t + (1-k)·(1-t)
   v_hat = ((2k-1)·x_t - u_hat) / max(Delta, m)                    (parameterization 'u_k')

@@ -1,4 +1,4 @@
-"""Samplers: one core, every method (specs/samplers.md).
+"""Samplers: one core, every method (docs/samplers.md).
 
   x0 = sample(model_fn, noise, schedule=..., prediction=..., method=..., num_steps=...)
 

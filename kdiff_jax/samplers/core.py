@@ -1,4 +1,4 @@
-"""The sampler core: host-side float64 coefficient plans run by lax.scan (specs/samplers.md).
+"""The sampler core: host-side float64 coefficient plans run by lax.scan (docs/samplers.md).
 
 A method turns the time grid t_0 = t_start > ... > t_N = t_end into a `Plan`: consecutive
 `Phase`s, each one step `body` and its per-step coefficients (float64 NumPy arrays computed on

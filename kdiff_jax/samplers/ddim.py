@@ -1,4 +1,4 @@
-"""DDIM(eta) (Song et al. 2021, Eq. 12; specs/samplers.md).
+"""DDIM(eta) (Song et al. 2021, Eq. 12; docs/samplers.md).
 
 x_s = alpha_s·x_hat + sqrt(sigma_s^2 - c^2)·n_hat + c·z,   c = eta·sigma_s·sqrt(1 - e^{-2h}),
 h = lambda_s - lambda_t, z ~ N(0, noise_std^2 I). eta = 0 is deterministic; eta = 1 is the

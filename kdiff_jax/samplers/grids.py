@@ -1,4 +1,4 @@
-"""Time grids t_0 = t_start > t_1 > ... > t_N = t_end for the samplers (specs/samplers.md).
+"""Time grids t_0 = t_start > t_1 > ... > t_N = t_end for the samplers (docs/samplers.md).
 
   uniform_t       t_i linear in t.
   karras          EDM's rho-ramp in sigma_bar = eta = sigma/alpha (Karras et al. 2022, eq. 5):

@@ -1,4 +1,4 @@
-"""IMM's samplers (Zhou, Ermon, Song 2025, Sec. 4.3, App. C; specs/imm.md): pushforward and restart.
+"""IMM's samplers (Zhou, Ermon, Song 2025, Sec. 4.3, App. C; docs/objectives/imm.md): pushforward and restart.
 
 On a decreasing grid t_0 = t_start > t_1 > ... > t_N = t_end, from x = noise ~ N(0, sigma_d^2 I)
 at t_0, with the one-step map f_{s,t} of the trained network:

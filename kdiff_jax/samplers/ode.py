@@ -1,4 +1,4 @@
-"""Flow Euler and Heun in t on the probability-flow velocity (specs/samplers.md).
+"""Flow Euler and Heun in t on the probability-flow velocity (docs/samplers.md).
 
 dx/dt = v(x_t, t) = alpha_dot_t·x_hat + sigma_dot_t·n_hat
 Euler: x_s = x_t + (s - t)·v(x_t, t). Heun: the trapezoid correction with v at the Euler point;

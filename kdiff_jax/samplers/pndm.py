@@ -1,4 +1,4 @@
-"""Pseudo numerical methods S-PNDM, F-PNDM (Liu et al., ICLR 2022, eq. 9; specs/samplers.md) and PLMS.
+"""Pseudo numerical methods S-PNDM, F-PNDM (Liu et al., ICLR 2022, eq. 9; docs/samplers.md) and PLMS.
 
 All three are driven by the noise estimate e = n_hat through the transfer
   phi(x_t, e, t, s) = (alpha_s/alpha_t)·x_t + alpha_s·(eta_s - eta_t)·e

@@ -1,4 +1,4 @@
-"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021; specs/samplers.md).
+"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021; docs/samplers.md).
 
 Forward SDE of x_t = alpha·x + sigma·n (n ~ N(0, noise_std^2 I)): f = alpha_dot/alpha,
 g^2 = -2·sigma^2·lambda_dot·noise_std^2. Reverse drift f·x - g^2·score with
