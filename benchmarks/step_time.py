@@ -90,6 +90,9 @@ flags.DEFINE_float("memory_gb", None, "Device memory for --largest_batch (defaul
 flags.DEFINE_float("memory_fraction", 0.92, "--largest_batch: the share of memory a step may "
                    "take (headroom for fragmentation and the runtime).")
 flags.DEFINE_float("bisect_tolerance", 1.15, "--largest_batch: stop when hi/lo is below this.")
+flags.DEFINE_bool("compilation_cache", False, "Let compiles use JAX's persistent compilation "
+                  "cache when one is configured (the compile column then shows cache hits); by "
+                  "default every compile is a real one.")
 flags.DEFINE_string("output", "", "Also write the table (Markdown) to this file.")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,6 +193,8 @@ def model_macs(config) -> int:
 
 
 def _no_compilation_cache():
+  if FLAGS.compilation_cache:
+    return contextlib.nullcontext()
   from jax._src import config as jax_config   # present in jax 0.10 and 0.11
   context = getattr(jax_config, "enable_compilation_cache", None)
   return context(False) if context is not None else contextlib.nullcontext()
@@ -369,8 +374,16 @@ def main(argv):
       HEADER.format(first=preset_path(FLAGS.objectives[0])[0]),
       "|" + "---|" * (HEADER.count("|") - 1),
   ]
-  for line in lines:
+  output = open(FLAGS.output, "w") if FLAGS.output else None
+
+  def emit(line):   # rows reach the file as they come: a sweep stopped midway keeps them
     print(line, flush=True)
+    if output:
+      output.write(line + "\n")
+      output.flush()
+
+  for line in lines:
+    emit(line)
   limit = memory_limit() if FLAGS.largest_batch else None
   if FLAGS.largest_batch and limit is None:
     raise app.UsageError("--largest_batch needs the device's memory: pass --memory_gb")
@@ -393,16 +406,12 @@ def main(argv):
                 if not batch:
                   row = (f"| DiT-{size}/{FLAGS.patch_size} | {case.objective} | {dtype} | "
                          f"{remat} | {attention} | | none fits{note} |")
-                  print(row, flush=True)
-                  lines.append(row)
+                  emit(row)
                   continue
                 note = f" (largest; {probes} compiles)"
-              row = run_case(case, batch, peak, factors, reference, note)
-              print(row, flush=True)
-              lines.append(row)
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      f.write("\n".join(lines) + "\n")
+              emit(run_case(case, batch, peak, factors, reference, note))
+  if output:
+    output.close()
 
 
 if __name__ == "__main__":

@@ -184,8 +184,16 @@ def main(argv):
       HEADER,
       "|" + "---|" * (HEADER.count("|") - 1),
   ]
-  for line in lines:
+  output = open(FLAGS.output, "w") if FLAGS.output else None
+
+  def emit(line):   # rows reach the file as they come: a sweep stopped midway keeps them
     print(line, flush=True)
+    if output:
+      output.write(line + "\n")
+      output.flush()
+
+  for line in lines:
+    emit(line)
   for size in FLAGS.sizes:
     for batch in map(int, FLAGS.batch_sizes):
       try:
@@ -195,11 +203,9 @@ def main(argv):
         row = f"| DiT-{size}/{FLAGS.patch_size} | flow | | {batch} | {type(error).__name__}: {message} |"
         if device.type == "cuda":
           torch.cuda.empty_cache()
-      print(row, flush=True)
-      lines.append(row)
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      f.write("\n".join(lines) + "\n")
+      emit(row)
+  if output:
+    output.close()
 
 
 if __name__ == "__main__":

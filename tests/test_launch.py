@@ -1,4 +1,5 @@
-"""Launch scripts: valid bash, shellcheck-clean, usage without any cloud call, documented."""
+"""Launch and benchmark scripts: valid bash, shellcheck-clean, usage without any cloud call,
+documented."""
 import glob
 import os
 import shutil
@@ -7,7 +8,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
+SCRIPTS = (sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
+           + sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.sh"))))
 ENTRY_POINTS = [s for s in SCRIPTS if not s.endswith("common.sh")]
 
 
@@ -39,10 +41,10 @@ def test_help_prints_usage_and_calls_nothing(script, tmp_path):
   env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin")
   result = subprocess.run(["bash", script, "-h"], env=env, capture_output=True, text=True)
   assert result.returncode == 0 and "called" not in result.stderr
-  assert "launch/" + os.path.basename(script) in result.stdout
+  assert os.path.relpath(script, ROOT) in result.stdout
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS, ids=os.path.basename)
 def test_readme_documents_it(script):
   with open(os.path.join(ROOT, "README.md")) as f:
-    assert "launch/" + os.path.basename(script) in f.read()
+    assert os.path.relpath(script, ROOT) in f.read()
