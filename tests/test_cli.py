@@ -51,7 +51,7 @@ def test_mistakes_answer_in_one_line(tmp_path, args, message):
     (["--config=configs/digits_fm.py", "--config.training.batch_size=6"],
      r"training.batch_size=6 must be divisible by the 4 batch shards"),
     (["--config=configs/digits_fm.py", "--config.mesh.data=3"],
-     r"mesh: 4 devices do not divide by fixed axes"),
+     r"mesh.data\*fsdp\*tensor=.*must equal the 4 devices"),
     (["--config=configs/imm_digits.py", "--config.objective.imm.group_size=3",
       "--config.training.batch_size=8"],
      r"training.batch_size=8 gives 2 examples per device, not a multiple of the objective's "
