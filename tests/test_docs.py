@@ -39,12 +39,28 @@ def _docs():
     yield from (os.path.join(directory, f) for f in sorted(files) if f.endswith(".md"))
 
 
+def _page_names() -> set:
+  """The file names of the repository's Markdown pages (docs/, README.md, benchmarks/RESULTS.md,
+  ...)."""
+  names = set()
+  for directory, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    names.update(f for f in files if f.endswith(".md"))
+  return names
+
+
+PAGE_NAMES = _page_names()
+
+
 def missing_md_references(text: str, directory: str) -> list:
   """The `.md` paths cited in `text` that name no file, relative to the repository root or to
-  `directory` (the citing file's folder)."""
+  `directory` (the citing file's folder). A cited path with a folder (docs/samplers.md,
+  ../export.md) is a reference; so is a bare page name (samplers.md, which must be cited with
+  its folder); another bare name (SUMMARY.md) names a file that a tool writes, not a page."""
   return sorted({path for path in MD_PATH.findall(text)
-                 if not any(os.path.isfile(os.path.normpath(os.path.join(base, path)))
-                            for base in (ROOT, directory))})
+                 if ("/" in path or path in PAGE_NAMES)
+                 and not any(os.path.isfile(os.path.normpath(os.path.join(base, path)))
+                             for base in (ROOT, directory))})
 
 
 def missing_links(text: str, directory: str) -> list:
@@ -75,6 +91,8 @@ def test_the_checks_fail_on_what_they_must_catch():
   assert missing_md_references("# (objectives/nowhere.md)", tests) == ["objectives/nowhere.md"]
   assert missing_md_references('"""docs/samplers.md and docs/objectives/imm.md."""', tests) == []
   assert missing_md_references("x = 'README.md'", tests) == []
+  assert missing_md_references("(parameterization.md)", tests) == ["parameterization.md"]
+  assert missing_md_references('open(out / "SUMMARY.md")', tests) == []
   assert missing_links("[a](samplers.md) [b](gone.md#x) [c](https://x.org/y.md)",
                        os.path.join(ROOT, "docs")) == ["gone.md"]
   cited = "A port of X (specs/imm.md); see DESIGN.md and ../shared/notes."
