@@ -22,7 +22,7 @@ of steps, so `jax.jit(lambda noise, key: sample(...))` works. Grids: grids.GRIDS
 
 MeanFlow's `mean_flow` (samplers/mean_flow.py) steps the trained average velocity on the same
 grids. IMM's few-step samplers (`imm.METHODS`: pushforward, restart) run on the same core and grids
-with the trained one-step map instead of a denoiser (samplers/imm.py).
+with their own step contract, the trained one-step map in place of a denoiser (samplers/imm.py).
 """
 import inspect
 

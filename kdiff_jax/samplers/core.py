@@ -7,10 +7,14 @@ plain Python loop with scan=False, same math). The step count is static, no `lax
 wraps a model call (a step that differs, a warm-up or a last first-order step, is its own
 phase), and stochastic steps get one key each, split from the caller's key.
 
-A body is `body(carry, coefs, key, denoise) -> carry` with carry = {'x': x_t, 'hist': tuple of
-past model outputs, newest first}, `coefs` this step's scalars (cast to x's dtype) and
-`denoise(x, t) -> (x_hat, n_hat)`, the network turned into data and noise estimates by
-parameterization.to_x_eps, the only place those formulas live.
+A body of the denoiser methods is `body(carry, coefs, key, denoise) -> carry` (`run`) with
+carry = {'x': x_t, 'hist': tuple of past model outputs, newest first}, `coefs` this step's
+scalars (cast to x's dtype) and `denoise(x, t) -> (x_hat, n_hat)`, the network turned into data
+and noise estimates by parameterization.to_x_eps, the only place those formulas live. A step's
+coefficients are a dict or a NamedTuple record whose fields name the paper's quantities (the
+body then reads `c.sigma_ratio`); the plan stores them as {name: float64 array} either way.
+Samplers with another step contract (IMM's `step(x, coefs, key, step_map) -> x`) run their
+plans through `scan_plan` with their own call.
 """
 import dataclasses
 from typing import Callable
@@ -95,6 +99,11 @@ class Phase:
   body: Callable
   coefs: dict
   stochastic: bool = False
+  record: Callable = None  # the NamedTuple type the body reads its coefficients as, or None (a dict)
+
+  def step_coefs(self, coefs: dict):
+    """One step's coefficients as the body reads them (a record or the dict)."""
+    return coefs if self.record is None else self.record(**coefs)
 
   @property
   def length(self):
@@ -120,17 +129,27 @@ class Plan:
     return sum(p.length for p in self.phases)
 
 
+def _names(coefs) -> tuple:
+  return tuple(coefs._fields) if hasattr(coefs, "_fields") else tuple(sorted(coefs))
+
+
 def steps_to_plan(steps, init=_init_carry):
-  """Group a per-step list of (body, coefs, stochastic) into phases of equal consecutive bodies."""
+  """Group a per-step list of (body, coefs, stochastic) into phases of equal consecutive bodies
+  (and equal coefficient names); coefs: a dict or a NamedTuple record."""
   phases = []
   for body, coefs, stochastic in steps:
-    if phases and phases[-1][0] is body and phases[-1][2] == stochastic and set(phases[-1][1][0]) == set(coefs):
+    if (phases and phases[-1][0] is body and phases[-1][2] == stochastic
+        and type(phases[-1][1][0]) is type(coefs) and _names(phases[-1][1][0]) == _names(coefs)):
       phases[-1][1].append(coefs)
     else:
       phases.append((body, [coefs], stochastic))
-  return Plan(tuple(
-      Phase(body, {name: np.asarray([c[name] for c in rows], np.float64) for name in rows[0]}, stochastic)
-      for body, rows, stochastic in phases), init)
+  plan_phases = []
+  for body, rows, stochastic in phases:
+    record = type(rows[0]) if hasattr(rows[0], "_fields") else None
+    rows = [row._asdict() for row in rows] if record else rows
+    coefs = {name: np.asarray([row[name] for row in rows], np.float64) for name in rows[0]}
+    plan_phases.append(Phase(body, coefs, stochastic, record))
+  return Plan(tuple(plan_phases), init)
 
 
 def push(hist, value):
@@ -154,28 +173,42 @@ def make_denoiser(model_fn, prediction, schedule, *, k=None, noise_std=1.0, min_
   return denoise
 
 
-def run(plan, x, denoise, key=None, *, scan=True, method=""):
-  """Execute a plan from x = x_{t_start}; one lax.scan per phase (or a Python loop)."""
+def _check_key(plan, key, method):
   if plan.stochastic and key is None:
     raise ValueError(f"sampling.method={method!r} with these options is stochastic: pass key=")
+
+
+def run(plan, x, denoise, key=None, *, scan=True, method=""):
+  """Execute a denoiser method's plan from x = x_{t_start}; one lax.scan per phase (or a Python
+  loop): every step is body(carry, coefs, key, denoise)."""
+  _check_key(plan, key, method)
+  carry = scan_plan(plan, plan.init(x, denoise), key, x.dtype,
+                    lambda body, carry, coefs, key_i: body(carry, coefs, key_i, denoise),
+                    scan=scan, method=method)
+  return carry["x"]
+
+
+def scan_plan(plan, carry, key, dtype, call, *, scan=True, method=""):
+  """carry after every step of `plan`: carry = call(body, carry, coefs, key_i) per step, the
+  coefficients cast to `dtype`, key_i one split of `key` per step (stochastic phases only)."""
+  _check_key(plan, key, method)
   step_keys = jax.random.split(key, plan.num_steps) if plan.stochastic else None
-  carry = plan.init(x, denoise)
   offset = 0
   for phase in plan.phases:
-    coefs = {name: jnp.asarray(value, x.dtype) for name, value in phase.coefs.items()}
+    coefs = {name: jnp.asarray(value, dtype) for name, value in phase.coefs.items()}
     keys = step_keys[offset:offset + phase.length] if phase.stochastic else None
     offset += phase.length
 
-    def step(carry, inputs, body=phase.body):
+    def step(carry, inputs, phase=phase):
       coefs_i, key_i = inputs
-      return body(carry, coefs_i, key_i, denoise), None
+      return call(phase.body, carry, phase.step_coefs(coefs_i), key_i), None
 
     if scan:
       carry, _ = jax.lax.scan(step, carry, (coefs, keys))
     else:
       for i in range(phase.length):
         carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], (coefs, keys)))
-  return carry["x"]
+  return carry
 
 
 def gaussian(key, x, scale):

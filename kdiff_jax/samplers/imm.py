@@ -9,12 +9,18 @@ at t_0, with the one-step map f_{s,t} of the trained network:
 
 Both take N model calls (2N rows with classifier-free guidance). Guidance acts on the raw
 network output G before the map: G_w = G_null + w·(G_cond - G_null) (guidance.classifier_free,
-null label = num_classes). The steps run as samplers.core plans (one lax.scan per phase), so
-`jax.jit` of `sample` compiles one step body however many steps there are.
+null label = num_classes).
+
+Their step contract is their own: `step(x, c, key, step_map) -> x` with `step_map(x, s, t) =
+f_{s,t}(x)` (scalar s, t) and `c` the step's float64 record (`PushforwardStep`, `RestartStep`);
+`plan` builds a samplers.core plan of them and `sample` runs it with core.scan_plan (one lax.scan
+per phase), so `jax.jit` of `sample` compiles one step body however many steps there are.
 
 Any grid of grids.time_grid: 'uniform_t' linspace(t_start, t_end, N+1) is the paper's ImageNet
 grid, 'cifar' its CIFAR-10 grids, 'karras' EDM's rho-ramp in eta = sigma/alpha.
 """
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,15 +29,27 @@ from kdiff_jax.samplers import core, grids, guidance
 METHODS = ("pushforward", "restart")
 
 
-def _pushforward_step(carry, c, key, step_map):
+class PushforwardStep(NamedTuple):
+  s: float            # the time the map lands on
+  t: float            # the time it starts from
+
+
+class RestartStep(NamedTuple):
+  s: float            # t_N: every restart step maps to the end
+  t: float            # t_i
+  alpha: float        # alpha_{t_{i+1}}
+  sigma_noise: float  # sigma_{t_{i+1}}·sigma_d
+
+
+def _pushforward_step(x, c, key, step_map):
   """x <- f_{s,t}(x)."""
-  return {**carry, "x": step_map(carry["x"], c["s"], c["t"])}
+  return step_map(x, c.s, c.t)
 
 
-def _restart_step(carry, c, key, step_map):
-  """x <- alpha·f_{s,t}(x) + sigma_noise·z, z ~ N(0, I); sigma_noise = sigma_{t_{i+1}}·sigma_d."""
-  x = step_map(carry["x"], c["s"], c["t"])
-  return {**carry, "x": c["alpha"] * x + core.gaussian(key, x, c["sigma_noise"])}
+def _restart_step(x, c, key, step_map):
+  """x <- alpha_{t_{i+1}}·f_{t_N,t_i}(x) + sigma_{t_{i+1}}·sigma_d·z, z ~ N(0, I)."""
+  x = step_map(x, c.s, c.t)
+  return c.alpha * x + core.gaussian(key, x, c.sigma_noise)
 
 
 def plan(schedule, times, method, noise_std=1.0):
@@ -39,13 +57,15 @@ def plan(schedule, times, method, noise_std=1.0):
   times = np.asarray(times, np.float64)
   steps = len(times) - 1
   if method == "pushforward":
-    rows = [(_pushforward_step, {"s": times[i + 1], "t": times[i]}, False) for i in range(steps)]
+    rows = [(_pushforward_step, PushforwardStep(s=times[i + 1], t=times[i]), False)
+            for i in range(steps)]
   elif method == "restart":
-    rows = [(_restart_step, {"s": times[-1], "t": times[i],
-                             "alpha": float(schedule.alpha(times[i + 1])),
-                             "sigma_noise": float(schedule.sigma(times[i + 1])) * noise_std}, True)
+    rows = [(_restart_step, RestartStep(s=times[-1], t=times[i],
+                                        alpha=float(schedule.alpha(times[i + 1])),
+                                        sigma_noise=float(schedule.sigma(times[i + 1])) * noise_std),
+             True)
             for i in range(steps - 1)]
-    rows.append((_pushforward_step, {"s": times[-1], "t": times[-2]}, False))
+    rows.append((_pushforward_step, PushforwardStep(s=times[-1], t=times[-2]), False))
   else:
     raise ValueError(f"sampling.method={method!r}: allowed values are {list(METHODS)}")
   return core.steps_to_plan(rows)
@@ -73,5 +93,6 @@ def sample(raw_fn, map_fn, noise, labels, *, schedule, method, num_steps, grid, 
                                         scale=guidance_scale, interval=guidance_interval)
     return map_fn(x_t, model_fn(x_t, t_vec).astype(x_t.dtype), s_vec, t_vec)
 
-  return core.run(plan(schedule, times, method, noise_std), x, step_map, key, scan=scan,
-                  method=method)
+  return core.scan_plan(plan(schedule, times, method, noise_std), x, key, x.dtype,
+                        lambda step, x, c, key_i: step(x, c, key_i, step_map), scan=scan,
+                        method=method)
