@@ -3,7 +3,7 @@ validate the model section against each network's own tables of sizes and patche
 import jax.numpy as jnp
 from flax import nnx
 
-from kdiff_jax.models import dit, jit, layers, mlp, unet
+from kdiff_jax.models import dit, imf_dit, jit, layers, mlp, unet
 from kdiff_jax.models.dit import DiT, torch_name
 from kdiff_jax.models.jit import JiT
 from kdiff_jax.models.mlp import MLP
@@ -17,6 +17,7 @@ ARCHITECTURES = {
     "jit": (jit.SIZES, jit.PATCH_SIZES, jit.jit_from_config),
     "mlp": (None, None, mlp.mlp_from_config),
     "unet": (unet.SIZES, (1,), unet.unet_from_config),
+    "imf_dit": (imf_dit.SIZES, imf_dit.PATCH_SIZES, imf_dit.imf_dit_from_config),
 }
 MODELS = tuple(ARCHITECTURES)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -88,6 +89,8 @@ def check(config) -> None:
   if model.name == "jit" and model.second_time_embedder:
     raise ValueError("model.name='jit' has no second time embedder: "
                      "set model.second_time_embedder=False")
+  if model.name == "imf_dit":
+    imf_dit.check(config)
 
 
 def check_attention(config) -> None:
