@@ -194,15 +194,23 @@ def test_imported_songunet_pickle_samples_like_the_torch_module(preconds, tmp_pa
 
 
 def test_imm_precond_state_dicts_go_both_ways(preconds, tmp_path):
-  """The 'model.'-prefixed state_dict imports (dropout row left out) like the pickle does; an
-  IMM export loads into IMMPrecond(**meta['imm_precond']) with strict=True and samples alike."""
+  """The 'model.'-prefixed state_dict and the bare inner DiT's (lumalabs' DiT(...,
+  class_dropout_prob=0.1).state_dict(), num_classes + 2 label rows) import (dropout row left
+  out) like the pickle does; an IMM export loads into IMMPrecond(**meta['imm_precond']) with
+  strict=True and samples alike."""
   net = _precond(preconds)
   state_dict, config = pretrained.read(str(_pickle(net, tmp_path / "net.pkl", tmp_path / "m")))
   from_pickle = checkpoints.import_state_dict(state_dict, config)
   precond_state = {key: value.numpy() for key, value in net.state_dict().items()}
-  assert precond_state["model.y_embedder.embedding_table.weight"].shape[0] == CLASSES + 2
-  from_state_dict = checkpoints.import_state_dict(precond_state, config)
-  jax.tree.map(np.testing.assert_array_equal, from_pickle, from_state_dict)
+  bare_state = {key: value.numpy() for key, value in net.model.state_dict().items()}
+  for imported, table_key in ((precond_state, "model." + pretrained.LABEL_TABLE),
+                              (bare_state, pretrained.LABEL_TABLE)):
+    assert imported[table_key].shape == (CLASSES + 2, 64)
+    jax.tree.map(np.testing.assert_array_equal, from_pickle,
+                 checkpoints.import_state_dict(imported, config))
+  # The rows kept are the class rows and the null row, in order.
+  table = from_pickle["y_embedder"]["embedding_table"]["embedding"]
+  np.testing.assert_array_equal(table, bare_state[pretrained.LABEL_TABLE][:CLASSES + 1])
 
   workdir, out = tmp_path / "run", tmp_path / "export"
   config.export.output_dir = str(out)

@@ -85,11 +85,11 @@ def net_to_torch(config, net_params) -> dict:
 
 def sampling_meta(config, description) -> dict:
   """The configured sampler: method, the float64 time grid it runs on, guidance."""
-  s = config.sampling
-  return dict(method=s.method, num_steps=s.num_steps,
+  chosen = config.sampling
+  return dict(method=chosen.method, num_steps=chosen.num_steps,
               times=np.asarray(sampling.time_grid(config, description)).tolist(),
-              t_start=s.t_start, t_end=s.t_end, guidance_scale=s.guidance_scale,
-              guidance_interval=list(s.guidance_interval))
+              t_start=chosen.t_start, t_end=chosen.t_end, guidance_scale=chosen.guidance_scale,
+              guidance_interval=list(chosen.guidance_interval))
 
 
 def objective_meta(config, description, params_by_weights: dict) -> dict:
@@ -197,8 +197,7 @@ def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -
   DiT / JiT state_dict, or lumalabs/imm's IMMPrecond one (keys 'model.*', pretrained.py); see
   convert.from_torch for drop_learned_sigma."""
   model_spec(config)
-  if pretrained.is_imm_precond(state_dict):
-    state_dict = pretrained.from_imm_precond(state_dict, config.data.num_classes)
+  state_dict = pretrained.network_state_dict(state_dict, config.data.num_classes)
   if config.model.name == "unet":
     return unet.from_torch(state_dict, lambda: models.build(config, nnx.Rngs(0)))[1]
   return convert.from_torch(state_dict, state.build_model(config).abstract_net, pos_embed(config),

@@ -12,7 +12,8 @@ num_classes + 1 rows (+1 more when class_dropout_prob > 0). Labels reach it one-
 all-zero vector (IMMPrecond.cfg_forward's unconditional half) picks row num_classes through
 `argmax([one_hot, 1 - sum(one_hot)])`; the extra dropout row is reachable only by the
 training-time token_drop. Ours has num_classes + 1 rows with the null label num_classes, so the
-rows map one to one and the dropout row is left out (import) or absent (export, loads into
+rows map one to one and the dropout row is left out (import: from a pickle, an IMMPrecond
+state_dict or the bare inner DiT's, `network_state_dict`) or absent (export, loads into
 IMMPrecond(..., class_dropout_prob=0), the default).
 
   state_dict, config = pretrained.read('imagenet256_ts_a2.pkl')   # config None for a state_dict
@@ -37,17 +38,21 @@ def is_imm_precond(state_dict) -> bool:
   return bool(state_dict) and all(key.startswith(PREFIX) for key in state_dict)
 
 
-def from_imm_precond(state_dict, num_classes: int) -> dict:
-  """An IMMPrecond state_dict (keys 'model.*') as the network's own (DiT keys), its label table
-  cut to our num_classes + 1 rows (module docstring)."""
-  net = {key[len(PREFIX):]: value for key, value in state_dict.items()}
+def network_state_dict(state_dict, num_classes: int) -> dict:
+  """The network's own state_dict from an IMMPrecond one (keys 'model.*', prefix dropped) or a
+  bare one, with a DiT label table of num_classes + 2 rows (lumalabs' DiT built with class
+  dropout) cut to our num_classes + 1 (module docstring); other tables are left as they are."""
+  prefixed = is_imm_precond(state_dict)
+  net = {key[len(PREFIX):]: value for key, value in state_dict.items()} if prefixed else dict(state_dict)
   table = net.get(LABEL_TABLE)
-  if table is not None:
-    if table.shape[0] not in (num_classes + 1, num_classes + 2):
-      raise ValueError(f"{PREFIX}{LABEL_TABLE} has {table.shape[0]} rows: IMM's DiT has "
-                       f"num_classes + 1 (or + 2 with class dropout) = {num_classes + 1} "
-                       f"(or {num_classes + 2}) for data.num_classes={num_classes}")
+  if table is None:
+    return net
+  if table.shape[0] == num_classes + 2:
     net[LABEL_TABLE] = table[:num_classes + 1]
+  elif prefixed and table.shape[0] != num_classes + 1:
+    raise ValueError(f"{PREFIX}{LABEL_TABLE} has {table.shape[0]} rows: IMM's DiT has "
+                     f"num_classes + 1 (or + 2 with class dropout) = {num_classes + 1} "
+                     f"(or {num_classes + 2}) for data.num_classes={num_classes}")
   return net
 
 
@@ -210,6 +215,6 @@ def read(path: str):
     tensors = {key: np.asarray(value, np.float32)
                for key, value in pickles.module_tensors(precond).items()}
     config = config_from_imm_precond(precond, tensors)
-    return from_imm_precond(tensors, config.data.num_classes), config
+    return network_state_dict(tensors, config.data.num_classes), config
   state_dict = torch_weights.read_state_dict(path)
   return state_dict, None
