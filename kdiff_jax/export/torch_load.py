@@ -11,16 +11,17 @@ import os
 from torch import nn
 
 from kdiff_jax.export.torch_dit import DiT
+from kdiff_jax.export.torch_imf_dit import ImfDiT
 from kdiff_jax.export.torch_jit import JiT
 from kdiff_jax.export.torch_unet import SongUNet
 
 
-ARCHITECTURES = {"dit": DiT, "jit": JiT, "unet": SongUNet}
+ARCHITECTURES = {"dit": DiT, "imf_dit": ImfDiT, "jit": JiT, "unet": SongUNet}
 
 
 def build(model_meta: dict) -> nn.Module:
-  """The module of an export's meta['model'] ({'name': 'dit' | 'jit' | 'unet', **constructor
-  kwargs})."""
+  """The module of an export's meta['model'] ({'name': 'dit' | 'imf_dit' | 'jit' | 'unet',
+  **constructor kwargs})."""
   kwargs = dict(model_meta)
   name = kwargs.pop("name")
   if name not in ARCHITECTURES:
