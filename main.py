@@ -107,6 +107,7 @@ def parse_flags(argv):
   verbose = any(arg.lstrip("-").split("=", 1)[0] in ("verbosity", "v")
                 and arg.split("=", 1)[-1].isdigit() and int(arg.split("=", 1)[-1]) >= 1
                 for arg in argv[1:] if "=" in arg)
+  from kdiff_jax.checkpoint import CheckpointError
   try:
     config_flag(argv)
     remaining = FLAGS(argv)
@@ -115,7 +116,8 @@ def parse_flags(argv):
     if not FLAGS.workdir:
       raise UsageError("--workdir is empty: give the run's directory (a local path or gs://...)")
     return remaining
-  except (UsageError, ValueError, OSError, KeyError, AttributeError, flags.Error) as error:
+  except (UsageError, ValueError, OSError, KeyError, AttributeError, flags.Error,
+          CheckpointError) as error:
     fail(error, verbose=verbose)
 
 

@@ -2,7 +2,8 @@
 whose third checkpoint (step 6) does not fit. Synchronous and asynchronous saves end in the
 README's one line, as the last console line and with no traceback: the step whose save failed,
 "no space left on device", the newest intact checkpoint (step 4) and the size of a save; no save
-is announced before it is committed. With more space the same command resumes from step 4.
+is announced before it is committed. With more space the same command resumes from step 4;
+a newest checkpoint whose data then does not read is set aside in one line, no traceback.
 
 Mounting a tmpfs needs root (CI's containers run as root); elsewhere these tests skip, and
 test_checkpoint.py's injected failures (sync and async) still run.
@@ -35,11 +36,11 @@ def small_disk():
     os.rmdir(directory)
 
 
-def train(workdir, async_save: bool):
+def train(workdir, async_save: bool, num_steps: int = 8):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run(
       [sys.executable, "main.py", "--config=configs/digits_fm.py", f"--workdir={workdir}",
-       "--config.training.num_steps=8", "--config.training.checkpoint_every=2",
+       f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=2",
        "--config.training.log_every=2", "--config.training.sample_every=0",
        "--config.training.batch_size=16", "--config.sampling.num_steps=2",
        f"--config.checkpoint.async_save={str(async_save).lower()}"],
@@ -73,3 +74,19 @@ def test_a_full_disk_ends_in_one_line_naming_the_failed_step(small_disk, async_s
     assert code == 0, "\n".join(lines)
     assert any("resumed from step 4; 4 steps to go" in line for line in lines), lines
     assert "done: steps 5-8" in lines[-1], lines
+
+    # A newest checkpoint whose data does not read: one line naming the step and the cause in a
+    # sentence, no traceback on the console, and the run goes on from the step before.
+    params = os.path.join(workdir, "checkpoints", "8", "params")
+    data = max((os.path.join(d, f) for d, _, files in os.walk(params) for f in files),
+               key=os.path.getsize)
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+    code, lines = train(workdir, async_save, num_steps=10)
+    console = "\n".join(lines)
+    assert code == 0 and "Traceback" not in console, console
+    damaged = [line for line in lines if "is damaged" in line]
+    assert len(damaged) == 1 and re.search(
+        r"checkpoint step 8 is damaged \(the data of its 'params' item does not read \(\w+\)\); "
+        r"moved it to .*/checkpoints/8.damaged", damaged[0]), console
+    assert any("resumed from step 6; 4 steps to go" in line for line in lines), console
