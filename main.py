@@ -21,7 +21,6 @@ The command line before absl parses it (`config_flag`), the one place that reads
   and --mode=import the one a released IMM pickle (--import_from) carries.
 """
 import os
-import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,7 +30,6 @@ from ml_collections import config_flags  # noqa: E402
 
 MODES = ("train", "sample", "eval", "export", "import", "encode_latents")
 AFTER_TRAINING = ("sample", "eval", "export")   # read a run whose checkpoint holds its config
-WRITING = ("train", "import")                   # write a new run into --workdir
 IMPORTED = {}   # --import_from -> (state_dict, config or None), read once when it gave the config
 
 FLAGS = flags.FLAGS
@@ -121,48 +119,6 @@ def parse_flags(argv):
     fail(error, verbose=verbose)
 
 
-def prepare_workdir(workdir: str, mode: str):
-  """Check --workdir for the mode: a writing mode can create and write it, a reading mode finds
-  it. Returns the topmost directory this call created (None if it created none)."""
-  from etils import epath
-  path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise UsageError(f"--workdir={workdir} is a file, not a directory")
-  if mode == "encode_latents":  # writes to data.latents_path only
-    return None
-  if mode not in WRITING:
-    if not path.is_dir():
-      raise UsageError(f"--workdir={workdir} does not exist: train there first (--mode=train)")
-    return None
-  created = path
-  while not created.parent.exists() and created.parent != created:
-    created = created.parent
-  created = None if created.exists() else created
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_probe_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as error:
-    raise UsageError(f"--workdir={workdir} is not writable ({error.strerror or error}): choose "
-                     "another directory or fix its permissions") from error
-  return created
-
-
-def remove_what_was_created(created, new_files) -> None:
-  """After a mistake: remove the files this run created (its new log) and the directory it
-  created, when that holds nothing else."""
-  new_files = {os.path.abspath(path) for path in new_files}
-  if created is not None and os.path.isdir(created):
-    if all(os.path.abspath(os.path.join(directory, file)) in new_files
-           for directory, _, files in os.walk(created) for file in files):
-      shutil.rmtree(created, ignore_errors=True)
-      return
-  for path in new_files:
-    if os.path.isfile(path):
-      os.remove(path)
-
-
 def run(config) -> None:
   mode, workdir = FLAGS.mode, FLAGS.workdir
   if mode == "train":
@@ -201,24 +157,24 @@ def main(argv):
   del argv
   import jax
   from kdiff_jax import actions, checkpoint, config as config_lib, console, parallel
+  from kdiff_jax.workdir import Workdir
   verbose = FLAGS.verbosity >= 1
   console.quiet_libraries(verbose=verbose)
   jax.config.update("jax_threefry_partitionable", True)
-  created, new_files = None, []
+  workdir = None
   try:
     config_lib.validate(FLAGS.config)   # before anything is created or started
-    created = prepare_workdir(FLAGS.workdir, FLAGS.mode)
+    workdir = Workdir.prepare(FLAGS.workdir, FLAGS.mode)
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                          FLAGS.process_id)
     if not verbose and FLAGS.mode != "encode_latents":
-      log = console.log_path(FLAGS.workdir)
-      new_files += [] if os.path.exists(log) else [log]
-      console.divert_library_output(log)
+      workdir.divert_library_output()
     run(FLAGS.config)
   except actions.NonFiniteLossError as error:
     fail(error, verbose=verbose, code=1)
   except (UsageError, ValueError) as error:   # a mistake: what this run created goes
-    remove_what_was_created(created, new_files)
+    if workdir is not None:
+      workdir.undo()
     fail(error, verbose=verbose)
   except (OSError, checkpoint.CheckpointError) as error:
     fail(error, verbose=verbose)
