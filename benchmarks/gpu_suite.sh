@@ -4,18 +4,21 @@
 # as a PyTorch user runs it), each table written as Markdown into OUT_DIR, all of them with the
 # device, versions, commit and date in OUT_DIR/SUMMARY.md.
 #
-#   bash benchmarks/gpu_suite.sh [--out_dir DIR] [--budget_s 480] [--phases a,b] [--dry_run]
+#   bash benchmarks/gpu_suite.sh [--out_dir DIR] [--budget_s 480] [--phases a,b] [--unrolled]
+#                                [--dry_run]
 #
 # The phases, most important first; a phase that would start past the budget is skipped, and a
-# running one is stopped when the budget ends (SUMMARY.md says which):
-#   1. flow matching, DiT-XL/2, bf16: JAX, then the same in PyTorch
-#   2. the objectives against flow matching: IMM (M = 4), MeanFlow, TVM (those registered)
-#   3. attention: xla against cudnn (flow matching; the JVP objectives take xla only)
-#   4. DiT-B/2 and L/2, JAX and PyTorch
-#   5. the largest batch, with and without remat (flow matching, XL/2)
-# All at 32x32x4 (SD-VAE latents), float32 master weights. --phases runs only the named tables
-# (jax_flow_xl, torch_flow_xl, jax_objectives, jax_attention, jax_sizes, torch_sizes,
-# jax_largest_batch).
+# running one is stopped when the budget ends (its rows so far stay; SUMMARY.md says which):
+#   jax_objectives     DiT-XL/2, bf16, batch 256: flow matching, then IMM (M = 4), MeanFlow and
+#                      TVM (those registered), each against flow matching's step
+#   torch_flow_xl      the same flow-matching step in PyTorch
+#   jax_attention      flow matching with model.attention xla, then cudnn
+#   jax_sizes          DiT-B/2 and L/2, flow matching
+#   torch_sizes        the same in PyTorch
+#   jax_largest_batch  the largest batch that fits, without and with remat (flow matching, XL/2)
+# All at 32x32x4 (SD-VAE latents), float32 master weights; the JAX phases with
+# model.scan_blocks=true (compile time independent of depth, so the budget holds; --unrolled
+# times the unrolled blocks instead). --phases runs only the named phases.
 #
 # --dry_run: the same phases at tiny sizes (DiT-T/2, 8x8, batch 8, two steps) on one CPU device,
 # compiles shared through a compilation cache in OUT_DIR/.xla_cache, PyTorch without autocast,
@@ -42,6 +45,7 @@ out_dir="$root/benchmarks/gpu_suite_out"
 budget_s=480
 dry_run=0
 phases=all
+scan=(--scan_blocks)
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out_dir) out_dir="$2"; shift 2 ;;
@@ -50,11 +54,12 @@ while [[ $# -gt 0 ]]; do
     --budget_s=*) budget_s="${1#*=}"; shift ;;
     --phases) phases="$2"; shift 2 ;;
     --phases=*) phases="${1#*=}"; shift ;;
+    --unrolled) scan=(--noscan_blocks); shift ;;
     --dry_run) dry_run=1; shift ;;
     *) echo "error: unknown argument '$1' (see $0 -h)" >&2; exit 2 ;;
   esac
 done
-known_phases=",jax_flow_xl,torch_flow_xl,jax_objectives,jax_attention,jax_sizes,torch_sizes,jax_largest_batch,"
+known_phases=",jax_objectives,torch_flow_xl,jax_attention,jax_sizes,torch_sizes,jax_largest_batch,"
 if [[ $phases != all ]]; then
   IFS=, read -r -a wanted <<< "$phases"
   for name in "${wanted[@]}"; do
@@ -113,11 +118,12 @@ if [[ $dry_run == 1 ]]; then
   export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=1"
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$out_dir/.xla_cache}"
   common=(--image_size=8 --steps=2 --warmup=1)
-  jax_common=("${common[@]}" --compute_dtypes=float32 --compilation_cache)
+  jax_common=("${common[@]}" "${scan[@]}" --compute_dtypes=float32 --compilation_cache)
   torch_common=("${common[@]}" --device=cpu --noautocast --nocompile --sdpa=math --nofused_adamw)
   big=T batch=8 small=T objectives=flow,imm attentions=xla
 else
-  jax_common=(--image_size=32 --channels=4 --compute_dtypes=bfloat16 --steps=10 --warmup=2)
+  jax_common=(--image_size=32 --channels=4 "${scan[@]}" --compute_dtypes=bfloat16 --steps=10
+              --warmup=2)
   torch_common=(--image_size=32 --channels=4 --steps=10 --warmup=3)
   big=XL batch=256 small=B,L objectives=flow,imm,meanflow,tvm attentions=xla,cudnn
 fi
@@ -146,12 +152,10 @@ phase() {  # phase NAME SCRIPT ARGS...: one table into OUT_DIR/NAME.md, within t
   fi
 }
 
-phase jax_flow_xl benchmarks/step_time.py "${jax_common[@]}" --sizes="$big" \
-  --batch_sizes="$batch" --objectives=flow
-phase torch_flow_xl benchmarks/torch_step_time.py "${torch_common[@]}" --sizes="$big" \
-  --batch_sizes="$batch"
 phase jax_objectives benchmarks/step_time.py "${jax_common[@]}" --sizes="$big" \
   --batch_sizes="$batch" --objectives="$objectives"
+phase torch_flow_xl benchmarks/torch_step_time.py "${torch_common[@]}" --sizes="$big" \
+  --batch_sizes="$batch"
 phase jax_attention benchmarks/step_time.py "${jax_common[@]}" --sizes="$big" \
   --batch_sizes="$batch" --objectives=flow --attentions="$attentions"
 phase jax_sizes benchmarks/step_time.py "${jax_common[@]}" --sizes="$small" \

@@ -3,7 +3,7 @@ objective x compute dtype x batch x remat x attention implementation. Prints a M
 
   python benchmarks/step_time.py --sizes=B,L,XL --batch_sizes=256 --compute_dtypes=bfloat16
   python benchmarks/step_time.py --objectives=flow,imm,meanflow,tvm   # each against flow's step
-  python benchmarks/step_time.py --sizes=XL --largest_batch --remats=none,full   # the batch that fits
+  python benchmarks/step_time.py --sizes=XL --largest_batch --remats=none,full   # what fits
   python benchmarks/step_time.py --sizes=T --batch_sizes=8 --image_size=8 --steps=2   # CPU check
 
 Each row builds the run's own step (train_state / train: setup, init_state, make_train_step,
@@ -16,17 +16,20 @@ Objectives come from a config, so any registered objective can be timed: 'flow' 
 config's velocity flow matching, 'imm' configs/imm_in256.py (M = 4), and another name reads
 configs/<name>_in256.py, else configs/<name>_digits.py, else the default config with
 objective.name = <name> ('name=configs/file.py' names the file). The file's objective section
-and its model options (second time embedder, time scale, ...) are kept; data, size, patch, dtype,
-remat, attention, batch and mesh come from the flags. An objective that is not registered, a
-config that is refused, or a step that fails prints its reason in the row, and the sweep goes on.
-The last column is the step time relative to the first objective at the same model, batch,
-dtype, remat and attention.
+and its model options (second time embedder, time scale, norms, ...) are kept; data, size (with
+the size's number of heads), patch, dtype, remat, attention, batch and mesh come from the
+flags. An objective that is not registered, a config that is refused, or a step that fails
+prints its reason in the row, and the sweep goes on. The last column is the time per image
+relative to the first objective's at the same model, batch, dtype, remat and attention (with
+--largest_batch, each at its own largest batch).
 
 Columns:
   model FLOPs/img   analytic: k·MACs, MACs = dit.forward_macs (the formula is printed above the
                     table) and k the FLOPs of one image's step per forward MAC (FLOP_FACTORS)
   XLA FLOPs/img     XLA's cost analysis of the compiled step (forward, backward, optimizer), per
-                    image: what the compiler counts, beside the analytic figure
+                    image: what the compiler counts, beside the analytic figure. It counts a
+                    loop's body once, so with --scan_blocks it misses all blocks but one: the
+                    cell then says '(scan)' and is no check of the analytic figure
   MFU               model FLOPs/img · images/s / (the devices' bf16 dense peak, hardware.py;
                     --peak_tflops overrides; 'n/a' for a device not in the table, e.g. a CPU)
   memory            memory_analysis of the compiled step per device: arguments + outputs (not
@@ -113,7 +116,8 @@ PRESETS = {"flow": "configs/default.py", "imm": "configs/imm_in256.py"}
 # does not have yet is left out).
 MODEL_INPUTS = {"meanflow": {"second_time_embedder": True, "time_scale": 1.0},
                 "tvm": {"second_time_embedder": True, "guidance_embedder": True}}
-FORMULA = ("MACs/img = depth·(T·4D² + 2T²·D + T·2r·D² + 6D²) + 2T·p²C·D + 2D² + e·(256D + D²)  "
+FORMULA = ("MACs/img = depth·(T·4D² + 2T²·D + T·2r·D² + 6D²) + 2T·p²C·D + 2D² "
+           "+ e·(256D + D²)  "
            "[T = (image/p)² tokens, D hidden, r mlp_ratio, e time embedders; dit.forward_macs]; "
            "model FLOPs/img = k·MACs, k = {}")
 
@@ -150,15 +154,19 @@ def load_config(path: str):
 @dataclasses.dataclass(frozen=True)
 class Case:
   size: str
-  objective: str     # the label in the table
+  spec: str          # the --objectives entry: name or name=configs/file.py
   compute_dtype: str
   remat: str
   attention: str
 
+  @property
+  def objective(self) -> str:   # the label in the table
+    return preset_path(self.spec)[0]
+
 
 def benchmark_config(case: Case, batch_size: int):
   """The preset of case.objective with the benchmark's data, model, batch and mesh."""
-  name, path, set_name = preset_path(case.objective)
+  name, path, set_name = preset_path(case.spec)
   config = load_config(path)
   if set_name:
     config.objective.name = name
@@ -176,6 +184,8 @@ def benchmark_config(case: Case, batch_size: int):
   config.model.remat = case.remat
   config.model.attention = case.attention
   config.model.scan_blocks = FLAGS.scan_blocks
+  if "num_heads" in config.model:   # the size's heads, so that every objective times one shape
+    config.model.num_heads = 0
   config.training.batch_size = batch_size
   config.training.ema_decays = (0.9999,)
   config.training.per_step_metrics = ()
@@ -345,6 +355,7 @@ def run_case(case: Case, batch: int, peak: float | None, factors: dict, referenc
   factor = factors.get(name, factors.get(case.objective))
   model_flops = factor * model_macs(config) if factor else None
   devices = jax.device_count()
+  scanned = " (scan)" if FLAGS.scan_blocks else ""   # XLA counts the scan's body once
   mfu = (f"{model_flops * images / (peak * devices):.1%}" if model_flops and peak else "n/a")
   # Per image, so that objectives at their own largest batches compare too.
   key = (case.size, None if FLAGS.largest_batch else batch, case.compute_dtype, case.remat,
@@ -353,7 +364,7 @@ def run_case(case: Case, batch: int, peak: float | None, factors: dict, referenc
   return (f"{label} {s.model.num_params / 1e6:.1f}M | {batch}{note} | {median * 1e3:.1f} | "
           f"{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} | {images:.1f} | "
           f"{model_flops / 1e9 if model_flops else float('nan'):.4g} | "
-          f"{xla_flops * devices / batch / 1e9:.4g} | {mfu} | {_gb(total)} | "
+          f"{xla_flops * devices / batch / 1e9:.4g}{scanned} | {mfu} | {_gb(total)} | "
           f"{_gb(device_peak())} | {compile_seconds:.1f} | {median / batch / reference[key]:.2f} |")
 
 
@@ -395,7 +406,7 @@ def main(argv):
           batches = [int(b) for b in FLAGS.batch_sizes]
           for batch in ([None] if FLAGS.largest_batch else batches):
             for objective in FLAGS.objectives:
-              case = Case(size, preset_path(objective)[0], dtype, remat, attention)
+              case = Case(size, objective, dtype, remat, attention)
               note = ""
               if FLAGS.largest_batch:
                 try:

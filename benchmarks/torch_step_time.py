@@ -200,7 +200,8 @@ def main(argv):
         row = run(size, batch, device, peak)
       except Exception as error:  # noqa: BLE001 - an out-of-memory or a kernel refusal is a result
         message = str(error).split("\n")[0][:200].replace("|", "/")
-        row = f"| DiT-{size}/{FLAGS.patch_size} | flow | | {batch} | {type(error).__name__}: {message} |"
+        row = (f"| DiT-{size}/{FLAGS.patch_size} | flow | | {batch} | "
+               f"{type(error).__name__}: {message} |")
         if device.type == "cuda":
           torch.cuda.empty_cache()
       emit(row)

@@ -34,8 +34,8 @@ def test_xla_attention_is_softmax_attention():
   attention.qkv.bias[...] = jnp.asarray(rng.normal(size=96) * 0.1, jnp.float32)
   attention.proj.bias[...] = jnp.asarray(rng.normal(size=32) * 0.1, jnp.float32)
   x = rng.normal(size=(2, 9, 32)).astype(np.float32)
-  params = [np.asarray(p, np.float64) for p in (attention.qkv.kernel[...], attention.qkv.bias[...],
-                                                attention.proj.kernel[...], attention.proj.bias[...])]
+  params = [np.asarray(p[...], np.float64) for p in (attention.qkv.kernel, attention.qkv.bias,
+                                                     attention.proj.kernel, attention.proj.bias)]
   expected = _softmax_attention(x.astype(np.float64), *params, heads=4)
   np.testing.assert_allclose(np.asarray(attention(jnp.asarray(x))), expected, rtol=1e-4, atol=1e-5)
 
