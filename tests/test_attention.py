@@ -2,6 +2,8 @@
 built network follows the field, and 'cudnn' is refused at start where it cannot run: with a JVP
 objective (cuDNN's kernel has no JVP rule), in float32, or on a network without attention.
 cuDNN itself needs an NVIDIA GPU: on a CPU it fails when the step is traced (tested as such)."""
+import importlib
+import os
 import re
 
 import jax
@@ -13,6 +15,8 @@ from flax import nnx
 from configs import digits_fm
 from kdiff_jax import config as config_lib, models, objectives, state
 from kdiff_jax.models import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _softmax_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
@@ -63,14 +67,19 @@ def test_every_attention_of_the_network_follows_the_field(scan_blocks):
 def test_a_jvp_objective_with_cudnn_is_refused_naming_both_fields(objective):
   config = _config(attention="cudnn", compute_dtype="bfloat16")
   config.objective.name = objective
-  with pytest.raises(ValueError, match=re.escape(f"model.attention='cudnn'") + ".*"
+  with pytest.raises(ValueError, match=re.escape("model.attention='cudnn'") + ".*"
                      + re.escape(f"objective.name={objective!r}")):
     models.check(config)
-  if objective in objectives.MODULES:   # registered: the whole start-up check refuses it too
-    with pytest.raises(ValueError, match="model.attention='cudnn'"):
-      config_lib.validate(config)
   config.model.attention = "xla"
   models.check(config)
+  demo = os.path.join(ROOT, "configs", f"{objective}_digits.py")
+  if objective in objectives.MODULES and os.path.exists(demo):
+    # registered: its valid demo config with cudnn fails the whole start-up check on this field
+    config = importlib.import_module(f"configs.{objective}_digits").get_config()
+    config_lib.validate(config)
+    config.model.attention, config.model.compute_dtype = "cudnn", "bfloat16"
+    with pytest.raises(ValueError, match=re.escape(f"objective.name={objective!r}")):
+      config_lib.validate(config)
 
 
 @pytest.mark.parametrize("model, message", [
