@@ -357,3 +357,34 @@ def test_loss_and_gradients_agree_on_one_and_eight_devices():
   for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads_1), jax.tree.leaves(grads_8)):
     np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-3 * np.max(np.abs(g1)) + 1e-6 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def test_torch_twin_with_tvm_options_loads_strictly_and_matches():
+  torch = pytest.importorskip("torch")
+  from flax import nnx
+  from kdiff_jax.export import convert, torch_dit
+  from kdiff_jax.models import dit
+  options = dict(norm="rms_norm", qk_norm=True, modulation_norm=True)
+  shape = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4,
+               mlp_ratio=4.0, num_classes=10, second_time_embedder=True, time_scale=1.0)
+  model = dit.DiT(**shape, **options, guidance_embedder=True, init="spectral", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  params = nnx.state(model, nnx.Param)   # perturbed, so the zero-initialised layers act
+  nnx.update(model, jax.tree.map(lambda p: p + jnp.asarray(0.05 * rng.normal(size=p.shape),
+                                                           p.dtype), params))
+  net = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state_dict = convert.to_torch(net, model.pos_embed())
+  module = torch_dit.DiT(**shape, **options, guidance_embedder=True)
+  module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+  t, h, beta = rng.uniform(size=(3, 3)).astype(np.float32)
+  y = np.array([1, 7, 10])
+  expected = np.asarray(model(jnp.asarray(x), t, y, h, guidance=beta))
+  with torch.no_grad():
+    got = module.eval()(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                        torch.from_numpy(y), torch.from_numpy(h),
+                        guidance=torch.from_numpy(beta)).permute(0, 2, 3, 1).numpy()
+  assert np.std(expected) > 0.1
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

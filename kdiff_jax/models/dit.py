@@ -211,13 +211,12 @@ def spectral_init(dit: "DiT", rngs: nnx.Rngs) -> None:
     names = [str(p) for p in path]
     if "adaLN_modulation" in names or names[-2:] == ["final_layer", "linear"]:
       continue
-    kernel = module.kernel
-    shape = kernel.value.shape
+    shape = module.kernel[...].shape
     if names[0] == "blocks" and dit.scan_blocks:   # [depth, in, out]: one matrix per block
       keys = jax.random.split(rngs.params(), shape[0])
-      kernel.value = jax.vmap(lambda k: spectral_normal(k, shape[1:]))(keys)
+      module.kernel.set_value(jax.vmap(lambda k: spectral_normal(k, shape[1:]))(keys))
     else:
-      kernel.value = spectral_normal(rngs.params(), shape)
+      module.kernel.set_value(spectral_normal(rngs.params(), shape))
 
 
 _TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
