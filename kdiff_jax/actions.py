@@ -202,11 +202,12 @@ class Checkpoints:
     intact = [saved for saved in self.mngr.all_steps() if saved != step]
     newest = (f"the newest intact checkpoint is step {max(intact)} under {self.directory}"
               if intact else f"no checkpoint under {self.directory} is intact yet")
+    cause = checkpoint.describe_error(error)
+    remedy = ("free that much space" if cause == checkpoint.NO_SPACE else
+              "make room for that much and fix the cause")
     return checkpoint.CheckpointError(
-        f"saving checkpoint step {step} failed ({checkpoint.describe_error(error)}); "
-        f"{newest}; a save writes about "
-        f"{console.size(self.state_bytes)}: free that much space and run the same command again "
-        "to resume")
+        f"saving checkpoint step {step} failed ({cause}); {newest}; a save writes about "
+        f"{console.size(self.state_bytes)}: {remedy} and run the same command again to resume")
 
   def _commit(self) -> None:
     """Wait for the save in flight; announce it, or raise its failure."""
@@ -284,7 +285,7 @@ class SampleGrid:
     self.directory = os.path.join(context.workdir, "samples")
     self.writer = context.writer
     labels = sampling.cycling_labels(config.sampling.grid_size**2,
-                                     range(config.data.num_classes))
+                                     sampling.all_classes(config))
     self.draw = sampling.make_sampler(config, context.sample, context.mesh, labels)
 
   def due(self, step: int, last: bool) -> bool:

@@ -43,6 +43,9 @@ ITEM_FILES = {**{item: ("_METADATA", "manifest.ocdbt") for item in STATE_ITEMS},
               "data": ("metadata",), "config": ("metadata",)}
 
 
+NO_SPACE = "no space left on device"   # describe_error's words for a full disk
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be written or read, said in one line with what to do."""
 
@@ -170,7 +173,7 @@ def describe_error(error: BaseException) -> str:
   for link in chain[:-1]:
     if ((isinstance(link, OSError) and link.errno == errno.ENOSPC)
         or "No space left on device" in str(link) or "os_error_code='28'" in str(link)):
-      return "no space left on device"
+      return NO_SPACE
   first_line = (str(error).strip().splitlines() or [""])[0]
   if len(first_line) > 160:
     first_line = first_line[:157] + "..."

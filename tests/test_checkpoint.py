@@ -234,3 +234,21 @@ def test_rollback_skip_is_reproducible(tmp_path, monkeypatch):
   config.training.max_rollbacks = 0   # no rollback left: the same run stops
   with pytest.raises(actions.NonFiniteLossError, match="max_rollbacks=0 rollbacks are used up"):
     train.train_and_evaluate(config, str(tmp_path / "c"), devices=ONE)
+
+
+def test_save_errors_are_said_in_a_few_words():
+  """A full disk is named wherever it sits in the error's chain (an OSError, TensorStore's
+  os_error_code 28); anything else keeps its type and its first line, cut to 160 characters."""
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as disk:
+      raise RuntimeError("commit failed") from disk
+  except RuntimeError as wrapped:
+    assert checkpoint.describe_error(wrapped) == checkpoint.NO_SPACE
+  assert checkpoint.describe_error(ValueError(
+      "RESOURCE_EXHAUSTED: Failed to write 16137 bytes to file 12 [os_error_code='28']")) == (
+          checkpoint.NO_SPACE)
+  said = checkpoint.describe_error(PermissionError(13, "x" * 400 + "\nsecond line"))
+  assert said.startswith("PermissionError: [Errno 13] xxx") and said.endswith("...")
+  assert len(said) == len("PermissionError: ") + 160
