@@ -46,8 +46,11 @@ def model_spec(config) -> dict:
                 num_classes=data.num_classes, time_scale=model.time_scale)
   if model.name == "dit":
     depth, hidden_size, num_heads = dit.SIZES[model.size]
-    return dict(name="dit", hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                second_time_embedder=model.second_time_embedder, **common)
+    return dict(name="dit", hidden_size=hidden_size, depth=depth,
+                num_heads=model.num_heads or num_heads,
+                second_time_embedder=model.second_time_embedder, norm=model.norm,
+                qk_norm=model.qk_norm, modulation_norm=model.modulation_norm,
+                guidance_embedder=model.guidance_embedder, **common)
   if model.name == "jit":
     depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start = (
         jit.SIZES[model.size])
@@ -104,6 +107,10 @@ def objective_meta(config, description, params_by_weights: dict) -> dict:
   if isinstance(description, objectives.OneStepMap):
     meta["imm"] = dict(f_type=description.f_type,
                        time_conditioning=description.time_conditioning)
+    return meta
+  if isinstance(description, objectives.TerminalVelocity):
+    # F(x, t, h = t - s, y, guidance=beta); f_{s,t}(x) = x + (s - t)·a·F, a = cfg if scale_output
+    meta["tvm"] = dict(scale_output=description.scale_output)
     return meta
   meta["prediction"] = description.prediction
   if description.k is not None:
