@@ -32,10 +32,8 @@ from kdiff_jax.train_state import (  # noqa: F401 -- the loop's callers and test
 
 
 def plain_grids(context: actions.Sampling) -> list:
-  """The loop's sampling actions when the caller hands none: undecoded sample grids."""
-  if context.config.eval.fid_every:
-    raise ValueError(f"eval.fid_every={context.config.eval.fid_every}: the in-loop FID is built by "
-                     "the caller (main.py passes sampling_actions=evaluate.training_actions)")
+  """The loop's sampling actions when the caller hands none: undecoded sample grids (no FID:
+  train_and_evaluate refuses eval.fid_every with these at start)."""
   return [actions.SampleGrid(context)]
 
 
@@ -95,6 +93,9 @@ def train_and_evaluate(config, workdir: str, *, source: str = "", allow_config_c
   sampling_actions(context: actions.Sampling) -> the actions that sample (grids, FID); main.py
   passes evaluate.training_actions.
   """
+  if config.eval.fid_every and sampling_actions is plain_grids:
+    raise ValueError(f"eval.fid_every={config.eval.fid_every}: the in-loop FID is built by the "
+                     "caller (main.py passes sampling_actions=evaluate.training_actions)")
   run = setup(config, devices)
   training = config.training
   mngr = checkpoint.manager(workdir, config.checkpoint)

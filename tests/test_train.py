@@ -155,3 +155,13 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
   config.training.checkpoint_every = 100
   with pytest.raises(actions.NonFiniteLossError, match="at step 3"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_the_loop_without_the_callers_fid_action_refuses_eval_fid_every(tmp_path):
+  """The in-loop FID needs Inception, which the loop never imports: a caller that hands no FID
+  action (main.py hands evaluate.training_actions) is refused at start, before anything exists."""
+  config = tiny_config()
+  config.eval.fid_every = 2
+  with pytest.raises(ValueError, match=r"eval.fid_every=2: the in-loop FID is built by the caller"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
