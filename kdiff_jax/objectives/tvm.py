@@ -1,5 +1,6 @@
 """Terminal Velocity Matching (Zhou, Song et al., Luma AI; lumalabs/tvm `training/loss.py`,
-`training/wrapper.py`): a one- to few-step generator, IMM's successor, trained from scratch.
+`training/wrapper.py`; docs/objectives/tvm.md): a one- to few-step generator, IMM's successor,
+trained from scratch.
 
 On rectified flow (t = 0 data, t = 1 noise; x data, e ~ N(0, I)) the network F(x, t, h, y, beta)
 takes the time t, the stride h = t - s to the terminal time s < t, the label and the guidance
@@ -31,7 +32,8 @@ s' = sigmoid(N(s_mean, s_std)) independently; beta = 1/cfg (fixed), 1/U[min_cfg,
 objective.label_dropout, and those rows get beta = 1.
 
 The official loss replaces NaN losses by 0; here a non-finite loss stops the run (or rolls back)
-as for every objective. The trained network is a `TerminalVelocity`, sampled by samplers/tvm.py.
+as for every objective. Its random beta is torch.rand, [0, 1); here (0, 1], as beta = 0 would make
+w infinite. The trained network is a `TerminalVelocity`, sampled by samplers/tvm.py.
 """
 import dataclasses
 from typing import NamedTuple

@@ -1,4 +1,5 @@
-"""Terminal Velocity Matching's few-step sampler (lumalabs/tvm `generate_images.py`).
+"""Terminal Velocity Matching's few-step sampler (lumalabs/tvm `generate_images.py`;
+docs/objectives/tvm.md).
 
 On a decreasing grid t_0 = t_start > t_1 > ... > t_N = t_end (TVM: linspace(1, 0, N + 1), N = 1, 2
 or 4), from x = noise at t_0, with the trained network F and classifier-free guidance cfg given to
