@@ -1,9 +1,7 @@
 """Measured global convergence order of every sampler (docs/samplers.md, "What the tests check").
 
-Data N(mu, diag s^2) in float64 with its exact denoiser
-  x_hat = mu + alpha·s^2/c·(x - alpha·mu),  n_hat = sigma·s_n^2/c·(x - alpha·mu),  c = alpha^2 s^2 + sigma^2 s_n^2,
-turned into the network's parameterization by parameterization.from_x_eps, and the exact flow
-map x_s = alpha_s·mu + sqrt(c_s/c_t)·(x_t - alpha_t·mu). Karras grid (rho = 7) from eta = sigma/alpha
+Data N(mu, diag s^2) in float64 with its exact denoiser and exact flow map, the tests' own
+(tests/references.py: gaussian_model, exact_flow; imported from the repository root). Karras grid (rho = 7) from eta = sigma/alpha
 = 80 (t = 1 for VP, eta(1) ~ 157) to eta = 0.002, so every step is an ordinary one.
 Deterministic methods: RMS error against the exact flow map. Stochastic ones (ddim eta=1,
 euler_maruyama): W2 between the exact law of the output (Gaussian; mean and variance
@@ -24,9 +22,9 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from kdiff_jax import parameterization, schedules  # noqa: E402
-from kdiff_jax import samplers  # noqa: E402
-from kdiff_jax.samplers import core  # noqa: E402
+from kdiff_jax import samplers, schedules  # noqa: E402
+from kdiff_jax.samplers import ddim, sde  # noqa: E402
+from tests import references  # noqa: E402   (the repository root is on sys.path above)
 
 STEPS = (10, 20, 40, 80, 160, 320)
 MU = np.array([0.5, -1.0, 0.0, 2.0])
@@ -38,36 +36,29 @@ METHODS = [("euler", {}), ("heun", {}), ("ddim", {}), ("s_pndm", {}), ("f_pndm",
            ("ddim", {"eta": 1.0}), ("euler_maruyama", {})]
 
 
-def gaussian_model(schedule, prediction, mu, s, noise_std=1.0, k=None):
-  """The exact network for N(mu, diag s^2) data, in parameterization `prediction`."""
-  def model_fn(x, t):
-    tb = t[:, None]
-    alpha, sigma = schedule.alpha(tb), schedule.sigma(tb)
-    c = alpha**2 * s**2 + sigma**2 * noise_std**2
-    x_hat = mu + alpha * s**2 / c * (x - alpha * mu)
-    n_hat = sigma * noise_std**2 / c * (x - alpha * mu)
-    return parameterization.from_x_eps(prediction, x_hat, n_hat, t, schedule, k=k, noise_std=noise_std)
-  return model_fn
-
-
-def exact_flow(schedule, x_t, t, s, mu, std, noise_std=1.0):
-  c = lambda u: schedule.alpha(u) ** 2 * std**2 + schedule.sigma(u) ** 2 * noise_std**2
-  return schedule.alpha(s) * mu + np.sqrt(c(s) / c(t)) * (x_t - schedule.alpha(t) * mu)
+def _affine(body, c):
+  """(a, b, c, d) of a stochastic step x' = a·x + b·x_hat + c·n_hat + d·z from its coefficients."""
+  if body is ddim._ddim_noise_step:     # x' = alpha_s·x_hat + sigma_s_kept·n_hat + c_noise·z
+    return 0.0, c["alpha_s"], c["sigma_s_kept"], c["c_noise"]
+  if body is sde._euler_maruyama_step:  # x' = x + dt·(f·x - 2·sigma·lambda_dot·n_hat) + sqrt_dt_g·z
+    return 1.0 + c["dt"] * c["f"], 0.0, -2.0 * c["dt"] * c["sigma"] * c["lambda_dot"], c["sqrt_dt_g"]
+  raise ValueError(f"no affine form for the step {body.__name__}")
 
 
 def exact_law(the_plan, schedule, t_start, mu, s, noise_std=1.0):
-  """Mean and variance of the output of a plan of (noisy) linear steps x' = a x + b x_hat + c n_hat + d z."""
+  """Mean and variance of the output of a plan of noisy affine steps (_affine) on N(mu, diag s^2)
+  data: x_hat and n_hat are affine in x (references.gaussian_model), so the law stays Gaussian."""
   alpha = schedule.alpha(t_start)
   mean, var = alpha * mu, alpha**2 * s**2 + schedule.sigma(t_start) ** 2 * noise_std**2
   for phase in the_plan.phases:
-    assert phase.body in (core.linear_step, core.linear_noise_step), phase.body
     for i in range(phase.length):
-      c = {name: value[i] for name, value in phase.coefs.items()}
-      alpha, sigma = schedule.alpha(c["t"]), schedule.sigma(c["t"])
+      coefs = {name: value[i] for name, value in phase.coefs.items()}
+      a, b, c, d = _affine(phase.body, coefs)
+      alpha, sigma = schedule.alpha(coefs["t"]), schedule.sigma(coefs["t"])
       cc = alpha**2 * s**2 + sigma**2 * noise_std**2
-      slope = c["a"] + c["b"] * alpha * s**2 / cc + c["c"] * sigma * noise_std**2 / cc
-      offset = c["b"] * (mu - alpha * s**2 / cc * alpha * mu) - c["c"] * sigma * noise_std**2 / cc * alpha * mu
-      mean, var = slope * mean + offset, slope**2 * var + c.get("d", 0.0) ** 2
+      slope = a + b * alpha * s**2 / cc + c * sigma * noise_std**2 / cc
+      offset = b * (mu - alpha * s**2 / cc * alpha * mu) - c * sigma * noise_std**2 / cc * alpha * mu
+      mean, var = slope * mean + offset, slope**2 * var + d**2
   return mean, var
 
 
@@ -82,10 +73,10 @@ def global_error(schedule, method, options, num_steps, prediction, grid):
     w2 = np.sqrt(np.sum((mean - alpha * MU) ** 2 + (np.sqrt(var) - np.sqrt(alpha**2 * S**2 + sigma**2)) ** 2))
     return w2
   x_start = jax.random.normal(jax.random.key(0), (16, MU.size), np.float64) * 1.3
-  model_fn = gaussian_model(schedule, prediction, MU, S, k=0.3)
+  model_fn = references.gaussian_model(schedule, prediction, MU, S, k=0.3)
   run = jax.jit(lambda x: samplers.sample(model_fn, x, k=0.3, **kwargs))
   out = np.asarray(run(x_start))
-  exact = exact_flow(schedule, np.asarray(x_start), t_start, t_end, MU, S)
+  exact = references.exact_flow(schedule, np.asarray(x_start), t_start, t_end, MU, S)
   return np.sqrt(np.mean((out - exact) ** 2))
 
 

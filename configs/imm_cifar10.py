@@ -9,10 +9,11 @@ identity time conditioning (the second embedding sees 1000·s), Laplace kernel, 
 a = 1, b = 5, float32; pixels x/127.5 - 1. Sampling: pushforward on the paper's CIFAR grids,
 [0.994, 0.006] (1 step, FID 3.20) and [0.994, 0.5833 (eta = 1.4), 0.006] (2 steps, FID 1.98).
 
+Unconditional, as the paper's model: data.num_classes = 0, so CIFAR's labels are not used, the
+network has no label input and sampling runs without guidance (w = 1).
+
 Differences from the paper, said plainly:
-* optimizer: AdamW with the paper's lr / betas / eps (the trainer has no RAdam);
-* the data pipeline still carries CIFAR's labels: the network ignores them
-  (model.class_conditional=False), and sampling runs without guidance (w = 1).
+* optimizer: AdamW with the paper's lr / betas / eps (the trainer has no RAdam).
 
 configs/imm_cifar10_dit.py is the same recipe with a DiT-B/2 backbone.
 
@@ -27,7 +28,7 @@ def get_config():
   config.data.tfds_name = "cifar10"
   config.data.image_size = 32
   config.data.channels = 3
-  config.data.num_classes = 10
+  config.data.num_classes = 0               # unconditional: no label embedding, no guidance
   config.data.random_flip = True
 
   config.model.name = "unet"
@@ -35,7 +36,6 @@ def get_config():
   config.model.patch_size = 1
   config.model.second_time_embedder = True
   config.model.dropout = 0.2
-  config.model.class_conditional = False
 
   config.objective.name = "imm"
   config.objective.schedule = "rectified_flow"

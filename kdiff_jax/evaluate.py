@@ -228,7 +228,7 @@ class Evaluator:
     """Features and logits of num_samples samples, classes cycled (balanced), sampling.seed."""
     config = self.config
     total = math.ceil(num_samples / self.batch_size) * self.batch_size
-    labels = (np.arange(total) % config.data.num_classes).astype(np.int32)
+    labels = sampling.cycling_labels(total, sampling.all_classes(config))
     key = jax.random.key(config.sampling.seed)
 
     def local_uint8(batch):

@@ -84,6 +84,9 @@ def check(config) -> None:
   if not sampling.t_end < sampling.t_start:
     raise ValueError(f"sampling.t_start={sampling.t_start}, sampling.t_end={sampling.t_end}: "
                      "sampling runs from t_start down to t_end, so t_end < t_start")
+  if config.data.num_classes == 0 and sampling.classes:
+    raise ValueError(f"sampling.classes={tuple(sampling.classes)}: data.num_classes=0 is "
+                     "unconditional, so there are no classes to sample: leave it empty")
   bad = [c for c in sampling.classes if c >= config.data.num_classes]
   if bad:
     raise ValueError(f"sampling.classes={tuple(sampling.classes)}: each must be in "
@@ -183,9 +186,14 @@ def cycling_labels(num_samples: int, classes) -> np.ndarray:
   return classes[np.arange(num_samples) % len(classes)]
 
 
+def all_classes(config) -> tuple:
+  """Every class, or (0,) for an unconditional model (data.num_classes = 0; the label is unused)."""
+  return tuple(range(config.data.num_classes)) or (0,)
+
+
 def classes(config) -> tuple:
-  """sampling.classes, or every class when it is empty."""
-  return tuple(config.sampling.classes) or tuple(range(config.data.num_classes))
+  """sampling.classes, or every class (all_classes) when it is empty."""
+  return tuple(config.sampling.classes) or all_classes(config)
 
 
 def make_sampler(config, sample, mesh, labels):

@@ -10,6 +10,7 @@ from flax import nnx
 from configs.default import get_config
 from kdiff_jax import config as config_lib, models
 from kdiff_jax.models import dit, layers
+from tests import references
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
             mlp_ratio=4.0, num_classes=10)
@@ -22,15 +23,8 @@ def _tiny(**overrides):
 
 
 def _perturb(model, std=0.05, seed=1):
-  """Add N(0, std²) to every parameter (so adaLN gates and the final layer are non-zero).
-
-  Host numpy noise: no per-shape random kernels to compile on the CPU test machine.
-  """
-  rng = np.random.default_rng(seed)
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: p + jnp.asarray(std * rng.normal(size=p.shape), p.dtype), params))
-  return model
+  """Add N(0, std²) to every parameter (so adaLN gates and the final layer are non-zero)."""
+  return references.perturb(model, std, seed)
 
 
 def _inputs(batch=2, size=8, channels=4, seed=0):
@@ -42,14 +36,7 @@ def _inputs(batch=2, size=8, channels=4, seed=0):
   return x, t, y, s
 
 
-def _call(model, *args):
-  """model(*args) under one jit (eager op-by-op dispatch is slow on a shared 2-core CPU)."""
-  graphdef, state = nnx.split(model)
-  return jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
-
-
-def _flat_params(model):
-  return {path: v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+_call, _flat_params = references.call, references.flat_params
 
 
 # --- size -------------------------------------------------------------------------------------
@@ -183,70 +170,14 @@ def test_timestep_embedding_formula():
   np.testing.assert_allclose(got, expected, atol=5e-4)
 
 
-def _reference_dit(params, x, t, y, s, *, patch, heads, time_scale):
-  """DiT.forward (models.py, learn_sigma=False) in float64 numpy, from the paper's equations."""
-  P = lambda *path: np.asarray(params[path], np.float64)
-  x = np.asarray(x, np.float64)
-  batch, height, width, channels = x.shape
-  h, w, p = height // patch, width // patch, patch
-
-  def linear(v, *path):
-    return v @ P(*path, "kernel") + P(*path, "bias")
-
-  def silu(v):
-    return v / (1 + np.exp(-v))
-
-  def layer_norm(v):
-    return (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-6)
-
-  def gelu_tanh(v):
-    return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
-
-  def time_embedder(name, time):
-    freqs = np.exp(-np.log(10000.0) * np.arange(128) / 128)
-    args = time_scale * np.asarray(time, np.float64)[:, None] * freqs
-    e = np.concatenate([np.cos(args), np.sin(args)], 1)
-    return linear(silu(linear(e, name, "mlp", 0)), name, "mlp", 2)
-
-  # patch conv = matmul over patches flattened in (p, q, c) order (torch: weight.view(D, -1))
-  patches = x.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  patches = patches.reshape(batch, h * w, p * p * channels)
-  kernel = P("x_embedder", "proj", "kernel")
-  tokens = patches @ kernel.reshape(-1, kernel.shape[-1]) + P("x_embedder", "proj", "bias")
-  tokens = tokens + layers.get_2d_sincos_pos_embed(tokens.shape[-1], h)
-  dim = tokens.shape[-1]
-  c = time_embedder("t_embedder", t)
-  c = c + P("y_embedder", "embedding_table", "embedding")[np.asarray(y)]
-  if s is not None:
-    c = c + time_embedder("s_embedder", s)
-  depth = len({path[1] for path in params if path[0] == "blocks"})
-  for i in range(depth):
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = np.split(
-        linear(silu(c), "blocks", i, "adaLN_modulation", 1), 6, axis=1)
-    v = layer_norm(tokens) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    qkv = linear(v, "blocks", i, "attn", "qkv").reshape(batch, h * w, 3, heads, dim // heads)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # timm: (3, B, heads, T, head_dim)
-    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dim // heads)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    attn = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, h * w, dim)
-    tokens = tokens + gate_msa[:, None] * linear(attn, "blocks", i, "attn", "proj")
-    v = layer_norm(tokens) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    v = linear(gelu_tanh(linear(v, "blocks", i, "mlp", "fc1")), "blocks", i, "mlp", "fc2")
-    tokens = tokens + gate_mlp[:, None] * v
-  shift, scale = np.split(linear(silu(c), "final_layer", "adaLN_modulation", 1), 2, axis=1)
-  out = linear(layer_norm(tokens) * (1 + scale[:, None]) + shift[:, None], "final_layer", "linear")
-  out = out.reshape(batch, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)  # torch unpatchify
-  return out.reshape(batch, height, width, channels)
-
-
 @pytest.mark.parametrize("second", [False, True])
 def test_forward_matches_numpy_reference(second):
   model = _perturb(_tiny(second_time_embedder=second, time_scale=500.0), std=0.2)
   x, t, y, s = _inputs()
   s = s if second else None
   got = np.asarray(_call(model, x, t, y, s))
-  expected = _reference_dit(_flat_params(model), x, t, y, s, patch=2, heads=2, time_scale=500.0)
+  expected = references.dit_forward(_flat_params(model), x, t, y, s, patch=2, heads=2,
+                                      time_scale=500.0)
   assert np.abs(expected).mean() > 1e-2
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -420,3 +351,45 @@ def test_forward_macs_is_the_papers_and_xlas():
   macs = dit.forward_macs(**{k: TINY[k] for k in ("input_size", "in_channels", "patch_size",
                                                  "hidden_size", "depth", "mlp_ratio")})
   assert flops / 4 == pytest.approx(2 * macs, rel=0.05)
+
+
+def test_an_unconditional_dit_trains_and_samples():
+  """data.num_classes = 0: a DiT with no label table trains (loss finite, weights move, every
+  batch label 0) and samples, and its samples do not depend on the labels it is handed;
+  guidance is refused at start, naming sampling.guidance_scale."""
+  from kdiff_jax import data, parallel, sampling, train_state
+  from tests.test_train import tiny_config
+  config = tiny_config()
+  config.data.num_classes = 0
+  config.training.ema_decays = ()
+  config_lib.validate(config)
+  setup = train_state.setup(config, jax.devices()[:1])
+  assert "y_embedder" not in setup.abstract_state["params"]["net"]
+  state = train_state.init_state(setup)
+  start = jax.device_get(state["params"]["net"])
+  step = train_state.make_train_step(setup)
+  batches = data.build_iterator(config.data, global_batch_size=16, seed=0,
+                                sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
+  for _ in range(3):
+    batch = next(batches)
+    assert not np.any(np.asarray(batch["label"]))
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), start,
+                       jax.device_get(state["params"]["net"]))
+  assert moved["final_layer"]["linear"]["kernel"] > 0
+
+  sample = sampling.build(config, setup.objective.description, setup.model.apply)
+  params = {"net": state["params"]["net"]}
+  labels = sampling.cycling_labels(4, sampling.classes(config))
+  np.testing.assert_array_equal(labels, 0)
+  images = np.asarray(sampling.make_sampler(config, sample, setup.mesh, labels)(
+      params, jax.random.key(1)))
+  assert images.shape == (4, 8, 8, 2) and np.all(np.isfinite(images))
+  other = np.asarray(sampling.make_sampler(config, sample, setup.mesh, np.arange(4))(
+      params, jax.random.key(1)))
+  np.testing.assert_array_equal(images, other)
+
+  config.sampling.guidance_scale = 2.0
+  with pytest.raises(ValueError, match=r"sampling.guidance_scale=2.0: .*data.num_classes=0"):
+    config_lib.validate(config)

@@ -10,6 +10,7 @@ from flax import nnx
 from configs.default import get_config
 from kdiff_jax import config as config_lib, models
 from kdiff_jax.models import dit, jit, layers
+from tests import references
 
 TINY = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=3, num_heads=2,
             mlp_ratio=4.0, num_classes=10, bottleneck_dim=8, in_context_len=4,
@@ -22,11 +23,7 @@ def _tiny(**overrides):
 
 def _perturb(model, std=0.1, seed=1):
   """Add N(0, std²) to every parameter (adaLN gates and the final layer become non-zero)."""
-  rng = np.random.default_rng(seed)
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: p + jnp.asarray(std * rng.normal(size=p.shape), p.dtype), params))
-  return model
+  return references.perturb(model, std, seed)
 
 
 def _inputs(batch=2, size=8, channels=3, seed=0):
@@ -37,13 +34,7 @@ def _inputs(batch=2, size=8, channels=3, seed=0):
   return x, t, y
 
 
-def _call(model, *args):
-  graphdef, state = nnx.split(model)
-  return jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
-
-
-def _flat_params(model):
-  return {path: v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+_call, _flat_params = references.call, references.flat_params
 
 
 # --- size -------------------------------------------------------------------------------------
@@ -82,30 +73,12 @@ def test_parameter_count(size, expected_millions):
 
 # --- RoPE -------------------------------------------------------------------------------------
 
-def _rope_loop(x, grid, prefix, theta=10000.0):
-  """Rotate channel pairs by explicit 2x2 rotations: first half by row·f_i, second by col·f_i."""
-  x = np.asarray(x, np.float64)
-  out = x.copy()
-  head_dim = x.shape[-1]
-  quarter = head_dim // 4
-  for token in range(prefix, x.shape[1]):
-    row, col = divmod(token - prefix, grid)
-    for half, position in ((0, row), (1, col)):
-      for i in range(quarter):
-        a = position * theta ** (-i / quarter)
-        j = half * head_dim // 2 + 2 * i
-        u, v = x[:, token, :, j], x[:, token, :, j + 1]
-        out[:, token, :, j] = u * np.cos(a) - v * np.sin(a)
-        out[:, token, :, j + 1] = u * np.sin(a) + v * np.cos(a)
-  return out
-
-
 @pytest.mark.parametrize("prefix", [0, 3])
 def test_rope_is_pairwise_rotation_by_row_and_column(prefix):
   grid, head_dim = 3, 16
   x = np.random.default_rng(0).normal(size=(2, prefix + grid * grid, 2, head_dim))
   got = layers.apply_rope(jnp.asarray(x, jnp.float32), layers.rope_2d(head_dim, grid, prefix))
-  np.testing.assert_allclose(np.asarray(got), _rope_loop(x, grid, prefix), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), references.rope(x, grid, prefix), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(got[:, :prefix]), x[:, :prefix].astype(np.float32))
 
 
@@ -151,72 +124,12 @@ def test_zero_output_at_init_and_jit_initialisation():
 
 # --- forward against numpy --------------------------------------------------------------------
 
-def _reference_jit(params, x, t, y, *, patch, heads, in_context_len, in_context_start,
-                   time_scale):
-  """model_jit.py JiT.forward in float64 numpy, written from the module's equations."""
-  P = lambda *path: np.asarray(params[path], np.float64)
-  x = np.asarray(x, np.float64)
-  batch, height, width, channels = x.shape
-  h, w, p = height // patch, width // patch, patch
-
-  def linear(v, *path):
-    return v @ P(*path, "kernel") + P(*path, "bias")
-
-  def silu(v):
-    return v / (1 + np.exp(-v))
-
-  def rms(v, weight):
-    return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + 1e-6) * weight
-
-  freqs = np.exp(-np.log(10000.0) * np.arange(128) / 128)
-  args = time_scale * np.asarray(t, np.float64)[:, None] * freqs
-  t_emb = linear(silu(linear(np.concatenate([np.cos(args), np.sin(args)], 1),
-                             "t_embedder", "mlp", 0)), "t_embedder", "mlp", 2)
-  y_emb = P("y_embedder", "embedding_table", "embedding")[np.asarray(y)]
-  c = t_emb + y_emb
-
-  patches = x.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  patches = patches.reshape(batch, h * w, p * p * channels)
-  proj1 = P("x_embedder", "proj1", "kernel")
-  tokens = patches @ proj1.reshape(-1, proj1.shape[-1])
-  tokens = tokens @ P("x_embedder", "proj2", "kernel")[0, 0] + P("x_embedder", "proj2", "bias")
-  tokens = tokens + layers.get_2d_sincos_pos_embed(tokens.shape[-1], h)
-  dim = tokens.shape[-1]
-  depth = len({path[1] for path in params if path[0] == "blocks"})
-  for i in range(depth):
-    if i == in_context_start:
-      tokens = np.concatenate([y_emb[:, None] + P("in_context_posemb"), tokens], axis=1)
-    prefix = in_context_len if i >= in_context_start else 0
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = np.split(
-        linear(silu(c), "blocks", i, "adaLN_modulation", 1), 6, axis=1)
-    v = rms(tokens, P("blocks", i, "norm1", "scale")) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    count = tokens.shape[1]
-    qkv = linear(v, "blocks", i, "attn", "qkv").reshape(batch, count, 3, heads, dim // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]
-    q = _rope_loop(rms(q, P("blocks", i, "attn", "q_norm", "scale")), h, prefix)
-    k = _rope_loop(rms(k, P("blocks", i, "attn", "k_norm", "scale")), h, prefix)
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim // heads)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, count, dim)
-    tokens = tokens + gate_msa[:, None] * linear(attn, "blocks", i, "attn", "proj")
-    v = rms(tokens, P("blocks", i, "norm2", "scale")) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    x1, x2 = np.split(linear(v, "blocks", i, "mlp", "w12"), 2, axis=-1)
-    tokens = tokens + gate_mlp[:, None] * linear(silu(x1) * x2, "blocks", i, "mlp", "w3")
-  tokens = tokens[:, in_context_len:]
-  shift, scale = np.split(linear(silu(c), "final_layer", "adaLN_modulation", 1), 2, axis=1)
-  v = rms(tokens, P("final_layer", "norm_final", "scale")) * (1 + scale[:, None]) + shift[:, None]
-  out = linear(v, "final_layer", "linear")
-  out = out.reshape(batch, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return out.reshape(batch, height, width, channels)
-
-
 def test_forward_matches_numpy_reference():
   model = _perturb(_tiny(time_scale=1.0), std=0.2)
   x, t, y = _inputs()
   got = np.asarray(_call(model, x, t, y))
-  expected = _reference_jit(_flat_params(model), x, t, y, patch=2, heads=2, in_context_len=4,
-                            in_context_start=1, time_scale=1.0)
+  expected = references.jit_forward(_flat_params(model), x, t, y, patch=2, heads=2,
+                                    in_context_len=4, in_context_start=1, time_scale=1.0)
   assert np.abs(expected).mean() > 1e-2
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -228,6 +141,21 @@ def test_class_tokens_carry_the_label():
   a = _call(model, x, t, jnp.array([1, 1]))
   b = _call(model, x, t, jnp.array([2, 2]))
   assert np.abs(np.asarray(a - b)).max() > 1e-4
+
+
+def test_an_unconditional_jit_is_the_conditional_one_with_a_zero_label_table():
+  """num_classes = 0 builds no label table: c = t_emb alone and the class tokens are their
+  position embedding alone, as a conditional JiT whose label rows are all zero; labels ignored."""
+  conditional = _perturb(_tiny())
+  unconditional = _tiny(num_classes=0)
+  shared = [(path, value) for path, value in nnx.to_flat_state(nnx.state(conditional, nnx.Param))
+            if path[0] != "y_embedder"]
+  assert len(shared) == len(_flat_params(unconditional))
+  nnx.update(unconditional, nnx.from_flat_state(shared))
+  conditional.y_embedder.embedding_table.embedding[...] = 0.0
+  x, t, y = _inputs()
+  np.testing.assert_array_equal(_call(unconditional, x, t, jnp.array([3, 7])),
+                                _call(conditional, x, t, y))
 
 
 # --- names, axes, config ----------------------------------------------------------------------

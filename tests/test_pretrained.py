@@ -162,8 +162,7 @@ def test_imported_songunet_pickle_samples_like_the_torch_module(preconds, tmp_pa
   path = _pickle(net, tmp_path / "cifar10.pt", tmp_path / "marker", torch.save)
   state_dict, config = pretrained.read(str(path))
   assert not (tmp_path / "marker").exists()
-  assert (config.model.name, config.model.size, config.model.class_conditional) == (
-      "unet", "T", False)
+  assert (config.model.name, config.model.size, config.data.num_classes) == ("unet", "T", 0)
   assert config.model.second_time_embedder and config.model.dropout == 0.2
   assert (config.sampling.grid, config.sampling.num_steps, config.sampling.guidance_scale) == (
       "cifar", 2, 1.0)

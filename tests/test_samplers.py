@@ -1,9 +1,8 @@
 """Samplers against exact Gaussian flows, model-free (docs/samplers.md, "What the tests check").
 
-For data N(mu, diag s^2) the exact denoiser is x_hat = mu + alpha·s^2/c·(x - alpha·mu),
-n_hat = sigma·s_n^2/c·(x - alpha·mu), c = alpha^2 s^2 + sigma^2 s_n^2, handed to the sampler in
-any parameterization via parameterization.from_x_eps; the exact flow map is
-x_s = alpha_s·mu + sqrt(c_s/c_t)·(x_t - alpha_t·mu). Convergence is measured in float64.
+The exact denoiser and flow map of N(mu, diag s^2) data are tests/references.py's
+(gaussian_model, exact_flow), handed to the sampler in any parameterization via
+parameterization.from_x_eps. Convergence is measured in float64.
 """
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from kdiff_jax import parameterization
 from kdiff_jax import samplers
 from kdiff_jax import schedules
 from kdiff_jax.samplers import guidance
+from tests import references
 
 VP, RF, COSINE = schedules.VP(), schedules.RectifiedFlow(), schedules.Cosine()
 MU = np.array([0.5, -1.0, 0.0, 2.0])
@@ -29,23 +29,13 @@ def x64():
     yield
 
 
-def gaussian_model(schedule, prediction, mu=MU, s=S, *, noise_std=1.0, k=None, calls=None):
-  """The exact network output for N(mu, diag s^2) data; `calls` (a list) records (batch, t) per call."""
-  def model_fn(x, t):
-    if calls is not None:  # eager only: (batch, time of the call)
-      calls.append((x.shape[0], float(t[0])))
-    tb = t[:, None]
-    alpha, sigma = schedule.alpha(tb), schedule.sigma(tb)
-    c = alpha**2 * s**2 + sigma**2 * noise_std**2
-    x_hat = mu + alpha * s**2 / c * (x - alpha * mu)
-    n_hat = sigma * noise_std**2 / c * (x - alpha * mu)
-    return parameterization.from_x_eps(prediction, x_hat, n_hat, t, schedule, k=k, noise_std=noise_std)
-  return model_fn
+def gaussian_model(schedule, prediction, mu=MU, s=S, **options):
+  """references.gaussian_model of N(MU, diag S^2) unless told otherwise (options: noise_std, k, calls)."""
+  return references.gaussian_model(schedule, prediction, mu, s, **options)
 
 
 def exact_flow(schedule, x_t, t, s, mu=MU, std=S, noise_std=1.0):
-  c = lambda u: schedule.alpha(u) ** 2 * std**2 + schedule.sigma(u) ** 2 * noise_std**2
-  return schedule.alpha(s) * mu + np.sqrt(c(s) / c(t)) * (x_t - schedule.alpha(t) * mu)
+  return references.exact_flow(schedule, x_t, t, s, mu, std, noise_std)
 
 
 def x_start(batch=8, dim=4, seed=0, dtype=np.float64):

@@ -229,7 +229,8 @@ def test_training_passes_get_one_dropout_key(objective, dropout):
     ({"sampling.guidance_scale": 1.5}, r"sampling.guidance_scale=1.5: the network ignores labels"),
     ({"model.name": "dit", "model.size": "B", "model.patch_size": 2},
      r"model.dropout=0.2: only model.name='unet' has dropout"),
-    ({"model.name": "dit", "model.size": "B", "model.patch_size": 2, "model.dropout": 0.0},
+    ({"model.name": "dit", "model.size": "B", "model.patch_size": 2, "model.dropout": 0.0,
+      "model.class_conditional": False},   # the legacy switch; data.num_classes=0 is the way
      r"model.class_conditional=False: model.name='dit' always embeds the label"),
 ])
 def test_settings_a_unet_config_cannot_take(overrides, message):

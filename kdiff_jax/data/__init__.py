@@ -30,7 +30,7 @@ RULES = {
     "data.name": one_of(*NAMES),
     "data.image_size": number(1, integer=True),
     "data.channels": number(1, integer=True),
-    "data.num_classes": number(1, integer=True),
+    "data.num_classes": number(0, integer=True),   # 0: unconditional (every label 0, unused)
     "data.random_flip": boolean(),
     "data.tfds_name": text(),
     "data.tfds_split": text(),
@@ -64,7 +64,7 @@ def check(config) -> None:
     channels, classes = BUILTIN_SHAPES[data.name]
     if data.channels != channels:
       raise ValueError(f"data.channels={data.channels}: data.name={data.name!r} has {channels}")
-    if classes is not None and data.num_classes < classes:
+    if classes is not None and 0 < data.num_classes < classes:
       raise ValueError(f"data.num_classes={data.num_classes}: data.name={data.name!r} has "
                        f"{classes} classes")
 
@@ -199,6 +199,9 @@ def build_iterator(data_config, *, global_batch_size: int, sharding: NamedShardi
     source = build_source(data_config, seed=seed)
     local_batches = _indexed_batches(source, start_batch, rows, global_batch_size)
 
+  if data_config.num_classes == 0:   # unconditional: the dataset's labels are not passed on
+    local_batches = ({**batch, "label": np.zeros(len(batch["label"]), np.int32)}
+                     for batch in local_batches)
   return DataIterator(local_batches, global_batch_size=global_batch_size,
                       local_batch_size=len(rows), element_shape=source.element_shape,
                       sharding=sharding, start_batch=start_batch)

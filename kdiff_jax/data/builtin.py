@@ -144,7 +144,7 @@ class SyntheticSource:
     labels = np.empty((len(rows),), np.int32)
     for i, position in enumerate(stream_positions):
       rng = example_rng(self.seed, SYNTHETIC, position)
-      labels[i] = rng.integers(self.num_classes)
+      labels[i] = rng.integers(max(self.num_classes, 1))   # num_classes = 0: unconditional
       images[i] = rng.standard_normal(self.element_shape, dtype=np.float32)
     return dict(image=images, label=labels)
 

@@ -133,7 +133,7 @@ class LatentsSource:
     if self.num_examples == 0:
       raise ValueError(f"labels.npy in {latents_path} is empty.")
     low, high = int(self.labels.min()), int(self.labels.max())
-    if low < 0 or high >= num_classes:
+    if low < 0 or (num_classes and high >= num_classes):   # num_classes = 0: labels unused
       raise ValueError(f"labels.npy in {latents_path} holds labels in [{low}, {high}]; they must "
                        f"lie in [0, data.num_classes = {num_classes}).")
     self.num_classes = num_classes

@@ -122,7 +122,7 @@ class TfdsSource:
       raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (has {list(features)}).")
     self.has_label = "label" in features
     if self.has_label and hasattr(features["label"], "num_classes"):
-      if features["label"].num_classes > num_classes:
+      if 0 < num_classes < features["label"].num_classes:   # 0: unconditional, labels unused
         raise ValueError(f"TFDS dataset {name!r} has {features['label'].num_classes} classes but "
                          f"data.num_classes = {num_classes}.")
     self.split = tfds.split_for_jax_process(split, process_index=process_index,

@@ -157,8 +157,6 @@ def config_from_imm_precond(precond: pickles.Pickled, tensors: dict):
     config.model.dropout = float(pickles.attribute(
         pickles.submodule(pickles.submodule(net, "enc"), f"{config.data.image_size}x"
                           f"{config.data.image_size}_block0"), "dropout", 0.0))
-    if not num_classes:  # EDM's label_dim = 0; our data keeps CIFAR-10's 10 labels, unused
-      config.data.num_classes, config.model.class_conditional = 10, False
   else:
     raise ValueError(f"IMMPrecond.model is a {net.qualname}: kdiff_jax imports DiTs and "
                      "SongUNets")

@@ -60,6 +60,10 @@ def check(config) -> None:
   if model.name != "unet" and not model.class_conditional:
     raise ValueError(f"model.class_conditional=False: model.name={model.name!r} always embeds "
                      "the label (only model.name='unet' can ignore it)")
+  if config.data.num_classes == 0 and config.sampling.guidance_scale != 1:
+    raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: the network "
+                     "ignores labels (data.num_classes=0: unconditional, no label embedding), so "
+                     "guidance has no condition to act on: set sampling.guidance_scale=1.0")
   if not model.class_conditional and config.sampling.guidance_scale != 1:
     raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: the network "
                      "ignores labels (model.class_conditional=False), so guidance would change "

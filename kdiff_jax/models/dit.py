@@ -141,7 +141,7 @@ class DiT(nnx.Module):
     self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
                                         rngs=rngs)
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)
-    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    self.y_embedder = layers.label_embedder(num_classes, hidden_size, rngs=rngs)  # None: unconditional
     self.s_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
                        if second_time_embedder else None)
     self.guidance_embedder = (layers.TimestepEmbedder(hidden_size, rngs=rngs)
@@ -165,7 +165,7 @@ class DiT(nnx.Module):
     return layers.get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
 
   def conditioning(self, t, y, s=None, guidance=None):
-    """c = t_emb(time_scale·t) + y_emb(y) [+ s_emb(time_scale·s)] [+ guidance_emb(time_scale·
+    """c = t_emb(time_scale·t) [+ y_emb(y)] [+ s_emb(time_scale·s)] [+ guidance_emb(time_scale·
     guidance)], float32 [B, D]."""
     if (self.guidance_embedder is None) != (guidance is None):
       raise ValueError("a DiT with a guidance embedder (model.guidance_embedder=True) takes "
@@ -177,7 +177,8 @@ class DiT(nnx.Module):
       raise ValueError("s was given but this DiT has no second time embedder "
                        "(set model.second_time_embedder=True)")
     c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32))
-    c = c + self.y_embedder(y)
+    if self.y_embedder is not None:
+      c = c + self.y_embedder(y)
     if s is not None:
       c = c + self.s_embedder(self.time_scale * jnp.asarray(s, jnp.float32))
     if guidance is not None:

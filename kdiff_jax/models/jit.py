@@ -83,7 +83,7 @@ class JiT(nnx.Module):
     self.in_context_start = in_context_start
 
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs=rngs)
-    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    self.y_embedder = layers.label_embedder(num_classes, hidden_size, rngs=rngs)  # None: unconditional
     self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size,
                                            dtype=dtype, rngs=rngs)
     if in_context_len:
@@ -110,9 +110,11 @@ class JiT(nnx.Module):
   def __call__(self, x, t, y, s=None):
     if s is not None:
       raise ValueError("JiT has no second time embedder: s must be None")
-    label_embedding = self.y_embedder(y)
-    c = parallel.constrain_batch(
-        self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + label_embedding)
+    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32))
+    if self.y_embedder is not None:
+      label_embedding = self.y_embedder(y)
+      c = c + label_embedding
+    c = parallel.constrain_batch(c)
     x = self.x_embedder(x.astype(self.dtype))
     x = x + jnp.asarray(self.pos_embed(), x.dtype)
     # Blocks before in_context_start see the image tokens, the rest the class tokens too.
@@ -120,7 +122,11 @@ class JiT(nnx.Module):
     remat = dict(policy=self._remat_policy, use_remat=self._use_remat)
     x = layers.run_blocks(self.blocks, x, c, self.rope(False), stop=start, **remat)
     if self.in_context_len:
-      tokens = label_embedding[:, None, :] + self.in_context_posemb[...]
+      if self.y_embedder is not None:
+        tokens = label_embedding[:, None, :] + self.in_context_posemb[...]
+      else:   # unconditional (no label table): the class tokens are in_context_posemb alone
+        tokens = jnp.broadcast_to(self.in_context_posemb[...],
+                                  (x.shape[0], self.in_context_len, self.hidden_size))
       x = jnp.concatenate([tokens.astype(x.dtype), x], axis=1)
       x = layers.run_blocks(self.blocks, x, c, self.rope(True), start=start, **remat)
     x = self.final_layer(x[:, self.in_context_len:], c)

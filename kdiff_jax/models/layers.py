@@ -184,6 +184,12 @@ class TimestepEmbedder(nnx.Module):
     return h
 
 
+def label_embedder(num_classes: int, hidden_size: int, *, rngs: nnx.Rngs):
+  """The label table of a class-conditional network, or None for an unconditional one
+  (data.num_classes = 0: no label table; the labels it is given are ignored)."""
+  return LabelEmbedder(num_classes, hidden_size, rngs=rngs) if num_classes else None
+
+
 class LabelEmbedder(nnx.Module):
   """label -> hidden: a table with num_classes + 1 rows; row num_classes is the null (CFG) label.
 

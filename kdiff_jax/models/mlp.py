@@ -35,7 +35,7 @@ class MLP(nnx.Module):
                rngs: nnx.Rngs):
     self.time_scale = float(time_scale)
     self.t_embedder = layers.TimestepEmbedder(width, rngs=rngs)
-    self.y_embedder = layers.LabelEmbedder(num_classes, width, rngs=rngs)
+    self.y_embedder = layers.label_embedder(num_classes, width, rngs=rngs)  # None: unconditional
     self.s_embedder = layers.TimestepEmbedder(width, rngs=rngs) if second_time_embedder else None
     self.x_proj = layers.linear(features, width, (None, "embed"), dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([MLPBlock(width, dtype=dtype, rngs=rngs) for _ in range(depth)])
@@ -47,7 +47,9 @@ class MLP(nnx.Module):
       raise ValueError(f"MLP built with second_time_embedder={self.s_embedder is not None} "
                        f"but called with s={'None' if s is None else 'an array'} "
                        "(model.second_time_embedder)")
-    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32)) + self.y_embedder(y)
+    c = self.t_embedder(self.time_scale * jnp.asarray(t, jnp.float32))
+    if self.y_embedder is not None:
+      c = c + self.y_embedder(y)
     if s is not None:
       c = c + self.s_embedder(self.time_scale * jnp.asarray(s, jnp.float32))
     h = self.x_proj(x)
