@@ -32,7 +32,8 @@ def defaults() -> ml_collections.ConfigDict:
   data.name = "digits"            # digits | synthetic | tfds | latents | toy2d
   data.image_size = 8             # height = width of the training arrays
   data.channels = 1
-  data.num_classes = 10           # the null (CFG) label is num_classes
+  data.num_classes = 10           # the null (CFG) label is num_classes; 0: unconditional (no label
+                                  # embedding, labels unused, no guidance)
   data.random_flip = False        # horizontal flips (never for digits)
   data.tfds_name = ""             # e.g. "imagenet2012", "cifar10"
   data.tfds_split = "train"
@@ -62,7 +63,8 @@ def defaults() -> ml_collections.ConfigDict:
   model.mlp_width = 256           # model.name = mlp: hidden width
   model.mlp_depth = 3             # model.name = mlp: residual blocks
   model.dropout = 0.0             # unet: dropout in every residual block, training passes only
-  model.class_conditional = True  # False: the network ignores labels (unet only: EDM's label_dim = 0)
+  model.class_conditional = True  # kept for old checkpoints' configs (False: their U-Net ignores
+                                  # labels); new configs say unconditional with data.num_classes = 0
   # dit: TVM's options (models/dit.py), DiT's own by default
   model.num_heads = 0             # attention heads; 0 = the size's (TVM's XL/2: 18)
   model.norm = "layer_norm"       # layer_norm | rms_norm (both without affine)
