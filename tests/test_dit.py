@@ -393,3 +393,33 @@ def test_an_unconditional_dit_trains_and_samples():
   config.sampling.guidance_scale = 2.0
   with pytest.raises(ValueError, match=r"sampling.guidance_scale=2.0: .*data.num_classes=0"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", ["dit", "jit"])
+def test_an_unconditional_network_exports_to_its_torch_twin(name):
+  """num_classes = 0 on both sides: no label table in the state_dict, a strict load into the
+  torch twin, the same outputs whatever labels each side is given."""
+  torch = pytest.importorskip("torch")
+  from kdiff_jax.export import convert, torch_dit, torch_jit
+  from kdiff_jax.models import jit
+  if name == "dit":
+    kwargs = dict(TINY, num_classes=0)
+    model = _perturb(dit.DiT(**kwargs, second_time_embedder=False, rngs=nnx.Rngs(0)))
+    twin = torch_dit.DiT(**kwargs)
+  else:
+    kwargs = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+                  mlp_ratio=4.0, num_classes=0, bottleneck_dim=8, in_context_len=2,
+                  in_context_start=1)
+    model = _perturb(jit.JiT(**kwargs, rngs=nnx.Rngs(0)), std=0.1)
+    twin = torch_jit.JiT(**kwargs, time_scale=model.time_scale)
+  state_dict = convert.to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.pos_embed())
+  assert not any(key.startswith("y_embedder") for key in state_dict)
+  twin.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  x, t, _, _ = _inputs()
+  expected = np.asarray(_call(model, x, t, jnp.array([3, 5])))
+  with torch.no_grad():
+    got = twin.eval()(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+                      torch.from_numpy(np.array(t)), torch.tensor([0, 9]))
+  got = got.permute(0, 2, 3, 1).numpy()
+  assert np.std(expected) > 0.05
+  np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=1e-4)

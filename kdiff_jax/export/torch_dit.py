@@ -119,7 +119,8 @@ class DiT(nn.Module):
     self.time_scale = time_scale
     self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
     self.t_embedder = TimestepEmbedder(hidden_size)
-    self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+    # num_classes = 0: unconditional, no label table (models/dit.py)
+    self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes else None
     if second_time_embedder:
       self.s_embedder = TimestepEmbedder(hidden_size)
     self.second_time_embedder = second_time_embedder
@@ -142,7 +143,9 @@ class DiT(nn.Module):
     if self.has_guidance_embedder != (guidance is not None):
       raise ValueError("pass guidance exactly when the model has a guidance embedder "
                        f"(guidance_embedder={self.has_guidance_embedder})")
-    c = self.t_embedder(self.time_scale * t) + self.y_embedder(y)
+    c = self.t_embedder(self.time_scale * t)
+    if self.y_embedder is not None:
+      c = c + self.y_embedder(y)
     if s is not None:
       c = c + self.s_embedder(self.time_scale * s)
     if guidance is not None:

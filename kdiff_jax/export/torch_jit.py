@@ -55,7 +55,8 @@ class JiT(nn.Module):
     self.in_context_start = in_context_start
     self.time_scale = time_scale
     self.t_embedder = TimestepEmbedder(hidden_size)
-    self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+    # num_classes = 0: unconditional, no label table (models/jit.py)
+    self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes else None
     self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
     grid_size = input_size // patch_size
     self.pos_embed = fixed_pos_embed(hidden_size, grid_size)
@@ -72,12 +73,16 @@ class JiT(nn.Module):
     """x [N, C, H, W], t [N] in [0, 1] (t = 0 data), y [N] labels."""
     if s is not None:
       raise ValueError("JiT has no second time embedder: s must be None")
-    y_emb = self.y_embedder(y)
-    c = self.t_embedder(self.time_scale * t) + y_emb
+    c = self.t_embedder(self.time_scale * t)
+    y_emb = None if self.y_embedder is None else self.y_embedder(y)
+    if y_emb is not None:
+      c = c + y_emb
     x = self.x_embedder(x) + self.pos_embed
     for i, block in enumerate(self.blocks):
       if self.in_context_len and i == self.in_context_start:
-        tokens = y_emb.unsqueeze(1).repeat(1, self.in_context_len, 1) + self.in_context_posemb
+        tokens = self.in_context_posemb.expand(x.shape[0], -1, -1)   # unconditional: alone
+        if y_emb is not None:
+          tokens = y_emb.unsqueeze(1).repeat(1, self.in_context_len, 1) + self.in_context_posemb
         x = torch.cat([tokens, x], dim=1)
       with_tokens = self.in_context_len and i >= self.in_context_start
       x = block(x, c, self.feat_rope_incontext if with_tokens else self.feat_rope)
