@@ -137,9 +137,15 @@ def build(config, description, apply_fn):
   if isinstance(description, objectives.AverageVelocity):
     times = time_grid(config, description)
 
+    # iMF's network takes the guidance scale and interval as inputs (one pass per step).
+    conditioning = (dict(guidance=sampling_config.guidance_scale,
+                         interval=tuple(sampling_config.guidance_interval))
+                    if config.model.name == "imf_dit" else {})
+
     def sample(params, noise, labels, key):
       del key  # deterministic
-      average_velocity = lambda z, t, r, y: description.velocity(apply_fn, params["net"], z, t, r, y)
+      average_velocity = lambda z, t, r, y: description.velocity(apply_fn, params["net"], z, t, r,
+                                                                 y, **conditioning)
       return samplers.mean_flow.sample(average_velocity, noise, labels, times=times)
     return sample
 

@@ -50,8 +50,8 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
-  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp
+  model.name = "dit"              # dit | imf_dit (iMF, objective meanflow) | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
+  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp; imf_dit: T | XS | B | M | L | XL
   model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit: also 16 | 32; unet: 1 (no patches)
   model.mlp_ratio = 4.0
   model.second_time_embedder = False  # a second time input (IMM's s or t - s)
@@ -131,7 +131,7 @@ def defaults() -> ml_collections.ConfigDict:
   # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
   # model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1.
   objective.meanflow = meanflow = ml_collections.ConfigDict()
-  meanflow.variant = "meanflow"   # meanflow
+  meanflow.variant = "meanflow"   # meanflow | imf (improved MeanFlow: model.name = imf_dit; objectives/imf.py)
   meanflow.share_r_equals_t = 0.75  # rows with r = t (no JVP term); a fraction n/m, m <= 64
   meanflow.omega = 1.0            # guidance in training: v_g = omega·v + (1 - omega - kappa)·v_uncond
   meanflow.kappa = 0.5            #   + kappa·v_cond (effective scale omega/(1 - kappa)); omega = 1,
@@ -139,6 +139,13 @@ def defaults() -> ml_collections.ConfigDict:
   meanflow.adaptive_p = 1.0       # loss L/sg((L + c)^p); p = 0: plain squared error
   meanflow.adaptive_c = 0.01
   meanflow.full_batch_jvp = False  # True: the authors' step (guidance forwards and JVP on every row)
+  # variant = imf: guidance omega and its interval are network inputs drawn per row; the fields
+  # omega, kappa, guidance_interval above stay at their defaults; iMF: share_r_equals_t = 0.5.
+  meanflow.imf = imf = ml_collections.ConfigDict()
+  imf.s_max = 7.0                 # omega on [1, 1 + s_max] (0: no guidance)
+  imf.cfg_beta = 1.0              # p(omega) ∝ omega^-cfg_beta (1: log-uniform)
+  imf.interval_split = 0.5        # t_min ~ U[0, split], t_max ~ U[split, 1] ([0, 1] on r = t rows)
+  imf.aux_v_head = True           # the v head (its loss; guidance and the JVP tangent from it); False: u at h = 0
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()

@@ -147,6 +147,10 @@ def test_heads_share_the_trunk_and_nothing_else():
   args = _inputs()
   u, v = _apply(model, *args)
   np.testing.assert_allclose(_apply(model, *args, v_head=False), u, rtol=1e-6, atol=1e-7)
+  graphdef, state = nnx.split(model)
+  v_only = jax.jit(lambda state, x, y, h, omega, interval: nnx.merge(graphdef, state)(
+      x, None, y, h, guidance=omega, interval=interval, v_head=True, u_head=False))(state, *args)
+  np.testing.assert_allclose(v_only, v, rtol=1e-6, atol=1e-7)
   assert float(jnp.max(jnp.abs(u - v))) > 1e-3
   for part, moves_u, moves_v in (("v_heads", False, True), ("v_final_layer", False, True),
                                  ("u_heads", True, False), ("shared_blocks", True, True)):
@@ -333,7 +337,7 @@ def test_built_from_config_and_applied_through_state():
     ("model.time_scale", 1000.0, "model.time_scale=1000.0.*set model.time_scale=1.0"),
     ("model.second_time_embedder", False, "set model.second_time_embedder=True"),
     ("objective.name", "flow", "objective.name='meanflow', not 'flow'"),
-    ("model.size", "S", r"model.size='S'.*imf_dit.*\['T', 'B', 'M', 'L', 'XL'\]"),
+    ("model.size", "S", r"model.size='S'.*imf_dit.*\['T', 'XS', 'B', 'M', 'L', 'XL'\]"),
 ])
 def test_config_refusals(field, value, message):
   from kdiff_jax import config as config_lib

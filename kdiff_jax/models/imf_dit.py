@@ -46,9 +46,10 @@ from kdiff_jax import parallel
 from kdiff_jax.models import dit, layers
 
 # name -> (depth = shared + one head, hidden_size, num_heads, head_depth). B, M, L, XL are the
-# official imfDiT_{B,M,L,XL}_2; T is a tiny CPU size.
+# official imfDiT_{B,M,L,XL}_2; T and XS are tiny CPU sizes.
 SIZES = {
     "T": (2, 64, 2, 1),
+    "XS": (3, 96, 4, 1),
     "B": (12, 768, 12, 8),
     "M": (24, 768, 12, 8),
     "L": (32, 1024, 16, 8),
@@ -245,14 +246,18 @@ class ImfDiT(nnx.Module):
     return jnp.concatenate([getattr(self, name)[...][None] + embeddings[name][:, None]
                             for name, _ in self.token_groups], axis=1)
 
-  def __call__(self, x, t, y, s=None, guidance=None, interval=None, v_head: bool = False):
+  def __call__(self, x, t, y, s=None, guidance=None, interval=None, v_head: bool = False,
+               u_head: bool = True):
     """u(x, h = s, ω = guidance, [t_min, t_max] = interval, y); t is accepted and not used.
 
     s (h = t - r), guidance (ω ≥ 1) and interval ((t_min, t_max), each a scalar or [B]) default
     to h = 0, ω = 1 and (0, 1): the instantaneous velocity without guidance. Returns u, or (u, v)
-    with v_head=True (v: the auxiliary instantaneous-velocity head).
+    with v_head=True (v: the auxiliary instantaneous-velocity head), or v alone with
+    v_head=True, u_head=False (the u head's blocks are then not run).
     """
     del t  # only h = t - r conditions the network (official imfDiT)
+    if not (u_head or v_head):
+      raise ValueError("at least one of u_head, v_head must be True")
     batch = x.shape[0]
     t_min, t_max = (None, None) if interval is None else interval
     prefix = self.condition_tokens(
@@ -268,12 +273,12 @@ class ImfDiT(nnx.Module):
     def head(blocks, final_layer):
       out = layers.run_blocks(blocks, tokens, rope, **remat)
       out = final_layer(out[:, self.num_prefix_tokens:])
-      return layers.unpatchify(out, self.patch_size, self.out_channels).astype(jnp.float32)
+      out = layers.unpatchify(out, self.patch_size, self.out_channels)
+      return out.astype(jnp.promote_types(out.dtype, jnp.float32))  # bf16 -> f32; f64 stays
 
-    u = head(self.u_heads, self.u_final_layer)
-    if not v_head:
-      return u
-    return u, head(self.v_heads, self.v_final_layer)
+    outputs = ((head(self.u_heads, self.u_final_layer),) if u_head else ()) + (
+        (head(self.v_heads, self.v_final_layer),) if v_head else ())
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def check(config) -> None:

@@ -27,7 +27,7 @@ import dataclasses
 from typing import Any, Callable
 
 from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow, imm, kdiff, meanflow, tvm
+from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, tvm
 from kdiff_jax.schema import boolean, interval, number, one_of
 
 Denoiser = flow.Denoiser
@@ -86,6 +86,10 @@ RULES = {
     "objective.meanflow.adaptive_p": number(0),
     "objective.meanflow.adaptive_c": number(0, low_open=True),
     "objective.meanflow.full_batch_jvp": boolean(),
+    "objective.meanflow.imf.s_max": number(0),
+    "objective.meanflow.imf.cfg_beta": number(0),
+    "objective.meanflow.imf.interval_split": number(0, 1, low_open=True, high_open=True),
+    "objective.meanflow.imf.aux_v_head": boolean(),
     "objective.tvm.gap_mean": number(),
     "objective.tvm.gap_std": number(0, low_open=True),
     "objective.tvm.s_mean": number(),
@@ -100,21 +104,30 @@ RULES = {
 }
 
 
+def module(config):
+  """The module of config's objective: MODULES[objective.name], or objectives/imf.py for
+  MeanFlow's variant 'imf' (objective.meanflow.variant)."""
+  cfg = config.objective
+  if cfg.name == "meanflow" and cfg.meanflow.variant == "imf":
+    return imf
+  return MODULES[cfg.name]
+
+
 def check(config) -> None:
   """[t_min, t_max] is an interval, and the named objective's own combinations hold."""
   cfg = config.objective
   if cfg.t_min >= cfg.t_max:
     raise ValueError(f"objective.t_min={cfg.t_min} must be < objective.t_max={cfg.t_max}")
-  MODULES[cfg.name].check(config)
+  module(config).check(config)
 
 
 def describe(config) -> Denoiser | OneStepMap | AverageVelocity | TerminalVelocity:
   """What a network trained with config.objective is (see the module docstring)."""
-  return MODULES[config.objective.name].describe(config)
+  return module(config).describe(config)
 
 
 def build(config, apply_fn) -> Objective:
   name = config.objective.name
   if name not in MODULES:
     raise ValueError(f"objective.name={name!r}: allowed values are {sorted(MODULES)}")
-  return Objective(**MODULES[name].build(config, apply_fn))
+  return Objective(**module(config).build(config, apply_fn))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from kdiff_jax import parameterization, schedules
 from kdiff_jax.objectives import flow
 
-VARIANTS = ("meanflow",)
+VARIANTS = ("meanflow", "imf")  # imf: objectives/imf.py (objectives.module dispatches)
 # The largest group of rows over which share_r_equals_t = n/m is laid out.
 MAX_GROUP = 64
 
