@@ -346,3 +346,23 @@ def test_config_refusals(field, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
+
+
+def test_export_spec_and_state_dict_build_the_twin():
+  """export.checkpoints: model_spec -> torch_load.build, net_to_torch -> a strict load, and the
+  twin gives the JAX network's u."""
+  from kdiff_jax.export import checkpoints, torch_load
+  config = tiny_config()
+  depth, hidden, _, head_depth = imf_dit.SIZES["T"]
+  model = _model(hidden_size=hidden, depth=depth, head_depth=head_depth, in_channels=1)
+  twin = torch_load.build(checkpoints.model_spec(config))
+  state = {k: torch.from_numpy(v) for k, v in checkpoints.net_to_torch(config, _pure(model)).items()}
+  twin.load_state_dict(state, strict=True)
+  x, y, h, omega, interval = _inputs()
+  x = x[..., :1]
+  u = _apply(model, x, y, h, omega, interval, v_head=False)
+  tt = lambda a: torch.from_numpy(np.array(a))
+  with torch.no_grad():
+    got = twin.eval()(tt(x).permute(0, 3, 1, 2), None, tt(y), tt(h), guidance=tt(omega),
+                      interval=(tt(interval[0]), tt(interval[1])))
+  np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), u, atol=1e-5)

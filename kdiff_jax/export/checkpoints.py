@@ -33,7 +33,7 @@ from safetensors import numpy as safetensors_numpy
 from kdiff_jax import checkpoint, config as config_lib, console, models, objectives, parallel
 from kdiff_jax import sampling, state, train_state
 from kdiff_jax.export import convert, pretrained
-from kdiff_jax.models import dit, jit, unet
+from kdiff_jax.models import dit, imf_dit, jit, unet
 
 FORMAT = "kdiff_jax.export/1"
 
@@ -65,8 +65,14 @@ def model_spec(config) -> dict:
                 num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
                 dropout=model.dropout, second_time_embedder=model.second_time_embedder,
                 time_scale=model.time_scale)
-  raise ValueError(f"model.name={model.name!r}: export supports 'dit', 'jit' and 'unet' "
-                   "(the torch twins have no MLP)")
+  if model.name == "imf_dit":
+    depth, hidden_size, num_heads, head_depth = imf_dit.SIZES[model.size]
+    return dict(name="imf_dit", input_size=data.image_size, patch_size=model.patch_size,
+                in_channels=data.channels, hidden_size=hidden_size, depth=depth,
+                num_heads=num_heads, head_depth=head_depth, mlp_ratio=model.mlp_ratio,
+                num_classes=data.num_classes)
+  raise ValueError(f"model.name={model.name!r}: export supports 'dit', 'jit', 'unet' and "
+                   "'imf_dit' (the torch twins have no MLP)")
 
 
 def _abstract_model(config):
@@ -83,6 +89,8 @@ def net_to_torch(config, net_params) -> dict:
   """The torch state_dict of config's network (DiT / JiT: convert.to_torch; U-Net: unet.to_torch)."""
   if config.model.name == "unet":
     return unet.to_torch(net_params)
+  if config.model.name == "imf_dit":
+    return imf_dit.to_torch(net_params)
   return convert.to_torch(net_params, pos_embed(config))
 
 
