@@ -5,7 +5,10 @@ without affine, QK-norm, modulation norm, guidance embedder, spectral init, the 
 and beta in the embedders) and TVM's loss as in im256_w2 (gap logit-normal(-0.8, 1), s
 logit-normal(-0.4, 1) truncated, cfg 2 fixed, output scale 1/beta, teacher EMA 0.99, 10% labels
 dropped). Adam beta2 0.95 as TVM; the learning rate, schedule and EMA are the other digits demos'.
-Four-step samples with cfg 2:
+A TVM step costs ~3.9 flow-matching steps of CPU time (the JVP, its backward and the teacher's
+doubled pass), hence 800 steps: ~265 CPU-seconds in all, an estimated 2.5 minutes alone on 2
+cores; the digit classifier of tests/test_demo.py gives its 4-, 2- and 1-step samples (cfg 2)
+conditional accuracies 1.0, 1.0 and 0.996 (500 samples).
 python main.py --config=configs/tvm_digits.py --workdir=/tmp/tvm_digits
 """
 from configs import default
@@ -40,11 +43,11 @@ def get_config():
   config.optimizer.lr_schedule = "cosine"
 
   config.training.batch_size = 128
-  config.training.num_steps = 1500
+  config.training.num_steps = 800        # a TVM step costs ~3.9 FM steps (CPU time)
   config.training.ema_decays = (0.995,)  # short run: an EMA that forgets the init
   config.training.log_every = 100
-  config.training.sample_every = 500
-  config.training.checkpoint_every = 500
+  config.training.sample_every = 400
+  config.training.checkpoint_every = 400
 
   config.sampling.method = "tvm"
   config.sampling.grid = "uniform_t"
