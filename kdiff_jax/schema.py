@@ -73,7 +73,6 @@ def defaults() -> ml_collections.ConfigDict:
   model.guidance_embedder = False  # a learned embedding of the guidance input beta = 1/cfg (TVM)
   model.init = "xavier_uniform"   # xavier_uniform (DiT) | spectral (TVM: normal / largest singular value)
 
-
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
   objective.name = "flow"         # flow | imm | kdiff | meanflow | tvm
@@ -111,22 +110,6 @@ def defaults() -> ml_collections.ConfigDict:
   kdiff.k_init = 0.5              # learnable: k_init in (0, 1)
   kdiff.w_k_scale = 1.0           # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
   kdiff.time_dependent = False    # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
-  # objective.name = tvm (Terminal Velocity Matching, objectives/tvm.py): rectified flow, a DiT
-  # with model.second_time_embedder (h = t - s) and model.guidance_embedder (beta = 1/cfg);
-  # labels dropped with objective.label_dropout (those rows get beta = 1).
-  objective.tvm = tvm = ml_collections.ConfigDict()
-  tvm.gap_mean = -0.8             # gap l = t - s: sigmoid(N(gap_mean, gap_std))
-  tvm.gap_std = 1.0
-  tvm.s_mean = -0.4               # s: logit-normal N(s_mean, s_std) truncated to s <= 1 - l; s' untruncated
-  tvm.s_std = 1.0
-  tvm.cfg_draw = "fixed"          # beta = 1/cfg: fixed (cfg) | range (1/U[min_cfg, max_cfg]) | uniform (U(0, 1])
-  tvm.cfg = 2.0
-  tvm.min_cfg = 1.0
-  tvm.max_cfg = 4.0
-  tvm.scale_output = True         # output scale a = 1/beta (the official do_scale_param); False: a = 1
-  tvm.teacher_decay = 0.99        # the teacher: an EMA of the online weights (not training.ema_decays)
-  tvm.detach_jvp = False          # True: no gradient through dF/ds (the official option; off in its configs)
-
   # objective.name = meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
   # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
   # model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1.
@@ -146,6 +129,21 @@ def defaults() -> ml_collections.ConfigDict:
   imf.cfg_beta = 1.0              # p(omega) ∝ omega^-cfg_beta (1: log-uniform)
   imf.interval_split = 0.5        # t_min ~ U[0, split], t_max ~ U[split, 1] ([0, 1] on r = t rows)
   imf.aux_v_head = True           # the v head (its loss; guidance and the JVP tangent from it); False: u at h = 0
+  # objective.name = tvm (Terminal Velocity Matching, objectives/tvm.py): rectified flow, a DiT
+  # with model.second_time_embedder (h = t - s) and model.guidance_embedder (beta = 1/cfg);
+  # labels dropped with objective.label_dropout (those rows get beta = 1).
+  objective.tvm = tvm = ml_collections.ConfigDict()
+  tvm.gap_mean = -0.8             # gap l = t - s: sigmoid(N(gap_mean, gap_std))
+  tvm.gap_std = 1.0
+  tvm.s_mean = -0.4               # s: logit-normal N(s_mean, s_std) truncated to s <= 1 - l; s' untruncated
+  tvm.s_std = 1.0
+  tvm.cfg_draw = "fixed"          # beta = 1/cfg: fixed (cfg) | range (1/U[min_cfg, max_cfg]) | uniform (U(0, 1])
+  tvm.cfg = 2.0
+  tvm.min_cfg = 1.0
+  tvm.max_cfg = 4.0
+  tvm.scale_output = True         # output scale a = 1/beta (the official do_scale_param); False: a = 1
+  tvm.teacher_decay = 0.99        # the teacher: an EMA of the online weights (not training.ema_decays)
+  tvm.detach_jvp = False          # True: no gradient through dF/ds (the official option; off in its configs)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()

@@ -93,24 +93,6 @@ def modulation_norm(modulation, chunks: int):
   return parts.reshape(modulation.shape).astype(modulation.dtype)
 
 
-def rms_norm_without_affine(features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.RMSNorm:
-  """torch nn.RMSNorm(features, elementwise_affine=False, eps=1e-6): x / sqrt(mean(x^2) + 1e-6),
-  no parameters, stats in float32 (TVM's DiT norms)."""
-  return nnx.RMSNorm(features, epsilon=1e-6, use_scale=False, use_fast_variance=False,
-                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-NORMS = {"layer_norm": layer_norm, "rms_norm": rms_norm_without_affine}
-
-
-def modulation_norm(modulation, chunks: int):
-  """TVM's do_mod_norm: each of the `chunks` equal parts of the adaLN output [B, chunks·D]
-  divided by its root mean square (eps 1e-6, no weight), in float32."""
-  parts = modulation.astype(jnp.float32).reshape(modulation.shape[:-1] + (chunks, -1))
-  parts = parts * jax.lax.rsqrt(jnp.mean(jnp.square(parts), axis=-1, keepdims=True) + 1e-6)
-  return parts.reshape(modulation.shape).astype(modulation.dtype)
-
-
 def modulate(x, shift, scale):
   """DiT `modulate`: x·(1 + scale) + shift; x [B, T, D], shift and scale [B, D]."""
   return x * (1 + scale[:, None, :]) + shift[:, None, :]

@@ -32,8 +32,8 @@ from kdiff_jax.schema import boolean, interval, number, one_of
 
 Denoiser = flow.Denoiser
 OneStepMap = imm.OneStepMap
-TerminalVelocity = tvm.TerminalVelocity
 AverageVelocity = meanflow.AverageVelocity
+TerminalVelocity = tvm.TerminalVelocity
 
 
 @dataclasses.dataclass(frozen=True)
