@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default, imm_digits
+from configs import default, imm_digits, meanflow_digits
 from kdiff_jax import checkpoint, models, objectives, parallel, sampling, schedules, state, train
 from kdiff_jax.export import checkpoints, convert
 from kdiff_jax.models import dit, jit, torch_weights
@@ -233,6 +233,20 @@ def test_imm_pushforward_samples_match_jax(torch_load, torch_sampling, f_type, t
   error = np.max(np.abs(expected - got))
   print(f"IMM {f_type}/{time_conditioning} w={guidance_scale}, 4 steps: max error {error:.2e}")
   assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_mean_flow_samples_match_jax(torch_load, torch_sampling, num_steps):
+  config = meanflow_digits.get_config()
+  config.model.size = "T"
+  config.sampling.num_steps = num_steps
+  net, sampler = _sampler_setup(config)
+  noise, labels = _noise_and_labels(config)
+  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"MeanFlow {num_steps} step(s): max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
 
 
 def _ode_config(name, **objective):

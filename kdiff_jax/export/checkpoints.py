@@ -116,6 +116,10 @@ def objective_meta(config, description, params_by_weights: dict) -> dict:
     meta["imm"] = dict(f_type=description.f_type,
                        time_conditioning=description.time_conditioning)
     return meta
+  if isinstance(description, objectives.AverageVelocity):
+    # u(z, t, h = t - r, y) = the average velocity; one step z_r = z_t - (t - r)·u
+    meta["meanflow"] = dict(variant=cfg.meanflow.variant)
+    return meta
   if isinstance(description, objectives.TerminalVelocity):
     # F(x, t, h = t - s, y, guidance=beta); f_{s,t}(x) = x + (s - t)·a·F, a = cfg if scale_output
     meta["tvm"] = dict(scale_output=description.scale_output)

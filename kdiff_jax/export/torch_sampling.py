@@ -223,6 +223,18 @@ def sample_imm(model, noise, labels, times, *, f_type: str = "euler_fm",
   return x
 
 
+@torch.no_grad()
+def sample_mean_flow(model, noise, labels, times):
+  """MeanFlow (Geng et al. 2025): z <- z - (t - r)·u(z, t, h = t - r, y) down the decreasing
+  times (one model call a step; guidance is trained into u). noise [N, C, H, W] at times[0]."""
+  z = noise.float()
+  as32 = lambda value: torch.full((z.shape[0],), value, dtype=torch.float32, device=z.device)
+  for t, r in zip(times[:-1], times[1:]):
+    t_, r_ = as32(t), as32(r)
+    z = z - (t_ - r_)[:, None, None, None] * model(z, t_, labels, t_ - r_)
+  return z
+
+
 def kdiff_k(objective_meta: dict, weights: str):
   """k-Diff's k for `weights` ('model' or 'ema'): a float, or k(t) = sigmoid((1-t)·logit(k_0) +
   t·logit(k_1)) for a time-dependent k (exported as [k_0, k_1]); None for other objectives."""
@@ -242,7 +254,7 @@ def sample(model, meta: dict, noise, labels, *, method: str | None = None,
   """Samples from an exported model with the export's sampler settings (meta['sampling']).
 
   noise: [N, C, H, W] at t_start, already scaled by meta['objective']['noise_std']; labels [N].
-  method: 'pushforward' (IMM) or 'euler' / 'heun' (flow, k-Diff); num_steps: a uniform grid in t
+  method: 'pushforward' (IMM), 'mean_flow' (MeanFlow) or 'euler' / 'heun' (flow, k-Diff); num_steps: a uniform grid in t
   from t_start to t_end instead of the exported grid; weights: which weights `model` holds,
   'ema' or 'model' (k-Diff's learned k differs), default that of the .safetensors.
   """
@@ -254,6 +266,10 @@ def sample(model, meta: dict, noise, labels, *, method: str | None = None,
       guidance_scale=sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
       guidance_interval=tuple(sampling["guidance_interval"]),
       null_label=meta["model"]["num_classes"])
+  if objective["name"] == "meanflow" and objective["meanflow"]["variant"] == "meanflow":
+    if method != "mean_flow":
+      raise ValueError(f"method {method!r}: torch_sampling samples MeanFlow models with 'mean_flow'")
+    return sample_mean_flow(model, noise, labels, times)
   if objective["name"] == "imm":
     if method != "pushforward":
       raise ValueError(f"method {method!r}: torch_sampling samples IMM models with 'pushforward'")
