@@ -347,3 +347,20 @@ def test_the_per_device_batch_must_hold_whole_row_groups():
   config.training.batch_size = 16  # 2 rows per device on 8 devices: groups are 4 rows
   with pytest.raises(ValueError, match="not a multiple of the objective's group size 4"):
     train_state.setup(config, jax.devices())
+
+
+
+def test_in256_config_validates_and_builds_the_xl_model_abstractly():
+  from configs import meanflow_in256
+  config = meanflow_in256.get_config()
+  config.data.name = "synthetic"  # the same shapes, no latent files needed
+  config_lib.validate(config)
+  flow = config.copy_and_resolve_references()
+  flow.model.second_time_embedder = False
+  # DiT-XL/2's parameters plus one more time embedder (Linear(256, D), SiLU, Linear(D, D)).
+  d = 1152
+  assert (state.build_model(config).num_params
+          == state.build_model(flow).num_params + 256 * d + d + d * d + d)
+  assert meanflow.row_layout(config.objective.meanflow.share_r_equals_t) == (4, 3)
+  omega, kappa = config.objective.meanflow.omega, config.objective.meanflow.kappa
+  assert abs(omega / (1 - kappa) - 2.5) < 1e-9  # the paper's effective XL/2 scale
