@@ -66,10 +66,8 @@ def test_a_full_disk_ends_in_one_line_naming_the_failed_step(small_disk, async_s
       lines[-1]), lines[-1]
   announced = re.findall(r"checkpoint step (\d+) ->", console)
   assert announced == ["2", "4"], console
-  if async_save:  # the background threads' tracebacks are kept, in the workdir's log (a
-    # synchronous save fails in the main thread: its one line says it all, and under load its
-    # log was once seen still empty when read)
-    assert "No space left on device" in open(os.path.join(workdir, "log.txt")).read()
+  # The background threads' tracebacks go to the workdir's log.txt, but that log sits on the
+  # same full disk: whether they fit depends on timing, so its content is not checked here.
 
   if async_save:   # nothing lost: with room on the disk the same command resumes from step 4
     subprocess.run(["mount", "-o", "remount,size=64m", small_disk], check=True)
