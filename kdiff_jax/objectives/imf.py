@@ -200,8 +200,9 @@ def make_example_losses(config, apply_fn):
   step = full_batch if options.full_batch_jvp else split
 
   def example_losses(net_params, x, labels, draws: Draws):
-    z = parameterization.interpolate(x, draws.noise, draws.t, schedules.get(cfg.schedule))
-    v = draws.noise - x
+    schedule = schedules.get(cfg.schedule)
+    z = parameterization.interpolate(x, draws.noise, draws.t, schedule)
+    v = parameterization.from_x_eps("velocity", x, draws.noise, draws.t, schedule)  # e - x
     big_v, v_head, v_g = step(net_params, z, v, labels, draws)
     error_u = _sum_over_elements(jnp.square(big_v - v_g))
     error_v = _sum_over_elements(jnp.square(v_head - v_g)) if aux else jnp.zeros_like(error_u)

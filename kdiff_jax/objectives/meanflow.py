@@ -50,8 +50,9 @@ MAX_GROUP = 64
 class AverageVelocity:
   """A network whose output at (z_t, t, h = t - r, labels) is the average velocity u(z_t, r, t).
 
-  One step from t to r is z_r = z_t - (t - r)·u (`step`); at h = 0 the output is the
-  instantaneous velocity v(z_t, t). `schedule` is the path's (rectified flow), for the grids.
+  One step from t to r is z_r = z_t - (t - r)·u (samplers/mean_flow.py); at h = 0 the output
+  is the instantaneous velocity v(z_t, t). `schedule` is the path's (rectified flow), for the
+  grids.
   """
 
   schedule: schedules.Schedule
@@ -59,11 +60,6 @@ class AverageVelocity:
   def velocity(self, apply_fn, net_params, z_t, t, r, labels, **conditioning):
     """u(z_t, r, t | labels) in float32; t, r: [B]."""
     return apply_fn(net_params, z_t, t, labels, t - r, **conditioning).astype(jnp.float32)
-
-  @staticmethod
-  def step(z_t, u, t, r):
-    """z_r = z_t - (t - r)·u."""
-    return z_t - parameterization.broadcast_time(t - r, z_t) * u
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,9 +243,9 @@ def make_example_losses(config, apply_fn):
   step = full_batch if options.full_batch_jvp else split
 
   def example_losses(net_params, x, labels, draws: Draws, **dropout):
-    t, r = draws.t, draws.r
-    z = parameterization.interpolate(x, draws.noise, t, schedules.get(cfg.schedule))
-    v = draws.noise - x
+    t, r, schedule = draws.t, draws.r, schedules.get(cfg.schedule)
+    z = parameterization.interpolate(x, draws.noise, t, schedule)
+    v = parameterization.from_x_eps("velocity", x, draws.noise, t, schedule)  # e - x
     u, u_tgt = step(net_params, z, v, t, r, labels, draws, **dropout)
     error = _sum_over_elements(jnp.square(u - u_tgt))
     return {"loss": adaptive_weighting(error, options.adaptive_p, options.adaptive_c),
