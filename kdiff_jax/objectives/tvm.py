@@ -171,10 +171,11 @@ def check(config) -> None:
                      "rectified-flow interpolant: set objective.schedule='rectified_flow'")
   if cfg.noise_std != 1.0:
     raise ValueError(f"objective.noise_std={cfg.noise_std}: TVM draws e ~ N(0, I): set 1.0")
-  if model.name != "dit" or not model.second_time_embedder or not model.guidance_embedder:
-    raise ValueError("objective.name='tvm' conditions a DiT on t, on h = t - s and on "
-                     "beta = 1/cfg: set model.name='dit', model.second_time_embedder=True and "
-                     "model.guidance_embedder=True")
+  if (model.name not in ("dit", "mlp") or not model.second_time_embedder
+      or not model.guidance_embedder):
+    raise ValueError("objective.name='tvm' conditions a DiT (or the 2-D toys' MLP) on t, on "
+                     "h = t - s and on beta = 1/cfg: set model.name='dit' (or 'mlp'), "
+                     "model.second_time_embedder=True and model.guidance_embedder=True")
   if cfg.tvm.cfg_draw == "range" and not cfg.tvm.min_cfg <= cfg.tvm.max_cfg:
     raise ValueError(f"objective.tvm.min_cfg={cfg.tvm.min_cfg} must be <= "
                      f"objective.tvm.max_cfg={cfg.tvm.max_cfg}")
