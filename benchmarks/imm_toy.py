@@ -1,10 +1,19 @@
-"""IMM against flow matching on 2-D toy data, at 1, 2, 4 and 8 steps (docs/objectives/imm.md, "Checks").
+"""IMM, MeanFlow and TVM against flow matching on 2-D toy data, at 1, 2, 4 and 8 steps
+(docs/objectives/imm.md, "Checks").
 
-Both objectives train the same time-conditioned MLP (model.name = 'mlp'; IMM adds the embedder
-of its second time s) for the same steps, batch and optimizer, through the real trainer
-(train.setup / init_state / make_train_step), unconditionally (every label 0, no dropout),
-with data ~ sample_toy2d and noise std sigma_d = 1 for both. Sampling: IMM pushforward on the
-uniform grid T = 0.994 -> 0 (N model calls), FM Euler on t = 1 -> 0 (N calls): equal NFE.
+Every objective trains the same time-conditioned MLP (model.name = 'mlp') for the same steps,
+batch and optimizer, through the real trainer (train.setup / init_state / make_train_step),
+unconditionally (every label 0, no dropout), with data ~ sample_toy2d and noise std 1 for all.
+IMM adds the embedder of its second time s; MeanFlow that of h = t - r, with the raw t and h
+embedded (model.time_scale = 1), (t, r) logit-normal(-0.4, 1) as meanflow_digits, 75% rows with
+r = t, adaptive weight p = 1, and no guidance (omega = 1, kappa = 0); TVM that of h = t - s and
+a guidance embedder (model.guidance_embedder) fed beta = 1 (cfg fixed at 1: the target is the
+plain velocity e - x), its draws and teacher EMA (0.99) as the schema's defaults. iMF is not on
+the toys: its objective needs the in-context imf_dit backbone (u and v heads, guidance and
+interval tokens), which takes images, not points. Sampling, N model calls each (equal NFE): IMM
+pushforward on the uniform grid T = 0.994 -> 0, FM Euler, MeanFlow mean_flow and TVM tvm on
+t = 1 -> 0.
+
 Quality: the energy distance (V-statistic, Szekely & Rizzo 2004)
   ED(X, Y) = 2·mean|X - Y| - mean|X - X'| - mean|Y - Y'|
 between n model samples and n fresh data points, averaged over seeds; the noise floor is ED
@@ -30,6 +39,7 @@ finite-M bias (M = 32, batch 512: 12.8 / 5.9 / 5.8 / 5.9), kernel width (c = 64,
 floor 2.68: 16.2 / 4.7 / 4.8 / 5.1), training length (32000 steps: 28.2 / 8.0 / 7.3 / 7.0).
 
   python benchmarks/imm_toy.py [--toys=8gaussians,moons] [--steps=16000] [--group_size=8]
+      [--models=imm_laplace,imm_rbf,fm,meanflow,tvm]
 """
 import os
 import sys
@@ -48,7 +58,11 @@ from kdiff_jax import parallel, sampling, train  # noqa: E402
 from kdiff_jax.data import builtin  # noqa: E402
 
 flags.DEFINE_list("toys", ["8gaussians", "moons"], "Toy distributions (builtin.TOY_NAMES).")
-flags.DEFINE_list("models", ["imm_laplace", "imm_rbf", "fm"], "imm_laplace | imm_rbf | fm.")
+MODELS = {"fm": "FM (Euler)", "imm_laplace": "IMM Laplace", "imm_rbf": "IMM RBF",
+          "meanflow": "MeanFlow", "tvm": "TVM"}
+
+flags.DEFINE_list("models", ["imm_laplace", "imm_rbf", "fm", "meanflow", "tvm"],
+                  " | ".join(MODELS) + ".")
 flags.DEFINE_list("sample_steps", ["1", "2", "4", "8"], "Sampling steps (= NFE).")
 flags.DEFINE_integer("steps", 16000, "Training steps of every model.")
 flags.DEFINE_integer("batch_size", 256, "Global batch (IMM: batch_size / group_size groups).")
@@ -83,8 +97,30 @@ def toy_config(model, toy_name):
   config.training.num_steps = FLAGS.steps
   config.training.ema_decays = (0.999,)
   config.mesh.data = 1
+  if model not in MODELS:
+    raise ValueError(f"--models: {model!r} is not one of {list(MODELS)}")
   if model == "fm":
     config.sampling.method = "euler"
+    config.sampling.grid = "uniform_t"
+    config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
+  elif model == "meanflow":
+    config.model.second_time_embedder = True  # h = t - r
+    config.model.time_scale = 1.0             # MeanFlow embeds the raw t and h
+    config.objective.name = "meanflow"
+    config.objective.time_sampling = "logit_normal"  # (t, r) as meanflow_digits: N(-0.4, 1)
+    config.objective.logit_normal_mean = -0.4
+    config.objective.meanflow.omega, config.objective.meanflow.kappa = 1.0, 0.0  # no guidance
+    config.sampling.method = "mean_flow"
+    config.sampling.grid = "uniform_t"
+    config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
+  elif model == "tvm":
+    config.model.second_time_embedder = True  # h = t - s
+    config.model.guidance_embedder = True     # beta, always 1 here
+    config.model.time_scale = 1.0             # TVM embeds the raw t, h and beta
+    config.objective.name = "tvm"
+    config.objective.tvm.cfg_draw = "fixed"
+    config.objective.tvm.cfg = 1.0            # beta = 1: the plain velocity target e - x
+    config.sampling.method = "tvm"
     config.sampling.grid = "uniform_t"
     config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
   else:
@@ -166,8 +202,7 @@ def main(argv):
         distances = [energy_distance(sample(params, jax.random.key(i)), fresh_data(toy_name, 2 * i))
                      for i in range(FLAGS.seeds)]
         cells.append(f"{np.mean(distances) * 1e3:.2f}")
-      name = {"fm": "FM (Euler)", "imm_laplace": "IMM Laplace", "imm_rbf": "IMM RBF"}[model]
-      print(f"| {name} | {seconds:.0f} | " + " | ".join(cells) + " |", flush=True)
+      print(f"| {MODELS[model]} | {seconds:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Few-step methods on the digits demo at an equal training budget: conditional accuracy at N steps.
+
+Each method trains from its shipped digits config through the real command, on one CPU device,
+
+  python main.py --config=configs/<config>.py --workdir=<workdir_root>/<method>
+      --config.training.num_steps=<steps> --config.training.batch_size=<batch>
+
+with the same steps and batch for all (default 1500 x 128, the budget of the FM, IMM and MeanFlow
+demos; the iMF and TVM demos ship shorter runs, 750 and 800 steps), and everything else as
+shipped (model, objective, optimizer, EMA). Grids and checkpoints every 500 steps for all, so the
+printed wall time of the command (start-up, compiles, grids and checkpoints included) compares the
+methods' step costs on this machine. A workdir that already holds the run (its few_step.json) is
+reused, so `--methods` / `--nfe` re-score without retraining.
+
+Score: the fraction of 500 class-conditional samples (labels cycling 0-9, seed 123) that the
+digit classifier of tests/test_demo.py (a logistic regression fitted on the real digits, never on
+samples) labels with the class they were conditioned on: `conditional_accuracy(config, workdir)`,
+with the EMA weights and sampling.num_steps = N. Samplers, each on the uniform grid of its config:
+
+  fm       flow matching, sampling.method = 'euler' (first-order step on the velocity, t = 1 -> 0),
+           classifier-free guidance w = 2 of digits_fm (whose own sampler is Heun): 2 network
+           evaluations per step (conditional and null rows in one call of twice the batch)
+  imm      IMM pushforward, T = 0.994 -> 0, guidance w = 1.5 on the map: 2 evaluations per step
+  meanflow MeanFlow mean_flow, z <- z - (t - r)·u; guidance trained in (omega 1, kappa 0.5): 1
+  imf      iMF mean_flow with omega = 3 and the interval [0, 1] as network inputs (the v head
+           skipped): 1
+  tvm      TVM, beta = 1/cfg = 1/2 as the network's input: 1
+
+With --unguided (default on), FM and IMM are also scored at w = 1 (one evaluation per step, the
+same network), so a column can be read at an equal number of network evaluations as well.
+
+  python benchmarks/few_step.py [--methods=fm,imm,meanflow,imf,tvm] [--steps=1500]
+      [--batch_size=128] [--nfe=1,2,4] [--workdir_root=/tmp/few_step] [--nounguided]
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import importlib  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+# method -> (config module, display name, network evaluations per step as configured)
+METHODS = {
+    "fm": ("digits_fm", "FM (Euler, w = 2)", 2),
+    "imm": ("imm_digits", "IMM (pushforward, w = 1.5)", 2),
+    "meanflow": ("meanflow_digits", "MeanFlow", 1),
+    "imf": ("imf_digits", "iMF (omega = 3)", 1),
+    "tvm": ("tvm_digits", "TVM (cfg 2)", 1),
+}
+UNGUIDED = {"fm": "FM (Euler, w = 1)", "imm": "IMM (pushforward, w = 1)"}
+
+flags.DEFINE_list("methods", list(METHODS), f"Methods: {', '.join(METHODS)}.")
+flags.DEFINE_integer("steps", 1500, "Training steps of every method.")
+flags.DEFINE_integer("batch_size", 128, "Training batch of every method.")
+flags.DEFINE_list("nfe", ["1", "2", "4"], "Sampling steps N.")
+flags.DEFINE_string("workdir_root", "/tmp/few_step", "One workdir per method under it (reused).")
+flags.DEFINE_bool("unguided", True, "Also score FM and IMM without guidance (w = 1).")
+flags.DEFINE_integer("num_samples", 500, "Samples per accuracy.")
+FLAGS = flags.FLAGS
+
+
+def method_config(method):
+  """The shipped digits config with the shared budget and the Euler sampler for FM."""
+  config = importlib.import_module(f"configs.{METHODS[method][0]}").get_config()
+  config.training.num_steps = FLAGS.steps
+  config.training.batch_size = FLAGS.batch_size
+  if method == "fm":
+    config.sampling.method = "euler"
+  return config
+
+
+def train(method, workdir):
+  """Runs main.py once (or reuses the workdir's run); {'seconds': wall time, 'command': ...}."""
+  record_path = os.path.join(workdir, "few_step.json")
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+    if (record["steps"], record["batch_size"]) == (FLAGS.steps, FLAGS.batch_size):
+      return record
+    raise ValueError(f"--workdir_root: {workdir} holds a run of {record['steps']} x "
+                     f"{record['batch_size']}, not {FLAGS.steps} x {FLAGS.batch_size}: use "
+                     "another --workdir_root")
+  command = [sys.executable, "main.py", f"--config=configs/{METHODS[method][0]}.py",
+             f"--workdir={workdir}", f"--config.training.num_steps={FLAGS.steps}",
+             f"--config.training.batch_size={FLAGS.batch_size}",
+             "--config.training.sample_every=500", "--config.training.checkpoint_every=500"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  start = time.perf_counter()
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  seconds = time.perf_counter() - start
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+  record = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seconds=seconds,
+                command=" ".join(command[1:]))
+  with open(record_path, "w") as f:
+    json.dump(record, f)
+  return record
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # the checkpoint library's INFO lines
+  unknown = sorted(set(FLAGS.methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"--methods={unknown}: allowed values are {list(METHODS)}")
+  from tests.test_demo import conditional_accuracy
+  nfe = [int(n) for n in FLAGS.nfe]
+  rows = []
+  for method in FLAGS.methods:
+    workdir = os.path.join(FLAGS.workdir_root, method)
+    record = train(method, workdir)
+    print(f"{method}: trained in {record['seconds']:.0f} s: {record['command']}", flush=True)
+    variants = [(METHODS[method][1], METHODS[method][2], None)]
+    if FLAGS.unguided and method in UNGUIDED:
+      variants.append((UNGUIDED[method], 1, 1.0))
+    for name, evaluations, guidance_scale in variants:
+      cells = []
+      for n in nfe:
+        config = method_config(method)
+        config.sampling.num_steps = n
+        if guidance_scale is not None:
+          config.sampling.guidance_scale = guidance_scale
+        cells.append(conditional_accuracy(config, workdir, num_samples=FLAGS.num_samples))
+      rows.append((name, evaluations, record["seconds"], cells))
+      print(f"  {name}: " + ", ".join(f"{n} steps {a:.3f}" for n, a in zip(nfe, cells)), flush=True)
+
+  print(f"\nDigits, {FLAGS.steps} steps x batch {FLAGS.batch_size} for every method; conditional "
+        f"accuracy of {FLAGS.num_samples} samples at N sampling steps")
+  print("| method | evals / step | train (s) | "
+        + " | ".join(f"{n} step{'s' * (n > 1)}" for n in nfe) + " |")
+  print("|---|---|---|" + "---|" * len(nfe))
+  for name, evaluations, seconds, cells in rows:
+    print(f"| {name} | {evaluations} | {seconds:.0f} | " + " | ".join(f"{a:.3f}" for a in cells)
+          + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)
