@@ -35,7 +35,10 @@ Samplers, each on the uniform grid of its config:
   tvm      TVM, beta = 1/cfg = 1/2 as the network's input: 1
 
 With --unguided (default on), FM and IMM are also scored at w = 1 (one evaluation per step, the
-same network), so a column can be read at an equal number of network evaluations as well.
+same network), so a column can be read at an equal number of network evaluations as well, and
+iMF at omega = 1 (its network input; omega is drawn on [1, 8] in training). MeanFlow's guidance
+is fixed in training, and TVM at cfg 1 would feed beta = 1 with a real label, which its training
+(beta = 1 only on dropped-label rows) never sees: no such rows for them.
 
   python benchmarks/few_step.py [--methods=fm,imm,meanflow,imf,tvm] [--steps=1500]
       [--batch_size=128] [--nfe=1,2,4] [--workdir_root=/tmp/few_step] [--nounguided]
@@ -68,14 +71,15 @@ METHODS = {
     "imf": ("imf_digits", "iMF (omega = 3)", 1),
     "tvm": ("tvm_digits", "TVM (cfg 2)", 1),
 }
-UNGUIDED = {"fm": "FM (Euler, w = 1)", "imm": "IMM (pushforward, w = 1)"}
+UNGUIDED = {"fm": "FM (Euler, w = 1)", "imm": "IMM (pushforward, w = 1)",
+            "imf": "iMF (omega = 1)"}
 
 flags.DEFINE_list("methods", list(METHODS), f"Methods: {', '.join(METHODS)}.")
 flags.DEFINE_integer("steps", 1500, "Training steps of every method.")
 flags.DEFINE_integer("batch_size", 128, "Training batch of every method.")
 flags.DEFINE_list("nfe", ["1", "2", "4"], "Sampling steps N.")
 flags.DEFINE_string("workdir_root", "/tmp/few_step", "One workdir per method under it (reused).")
-flags.DEFINE_bool("unguided", True, "Also score FM and IMM without guidance (w = 1).")
+flags.DEFINE_bool("unguided", True, "Also score FM, IMM and iMF without guidance (w = 1).")
 flags.DEFINE_integer("num_samples", 500, "Samples per accuracy.")
 FLAGS = flags.FLAGS
 
