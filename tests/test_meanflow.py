@@ -1,6 +1,8 @@
 """MeanFlow: draws, the loss against a float64 NumPy reference, the JVP against finite
 differences, the cheaper step against the authors' full-batch step, devices, remat and scan,
 the sampler and the config's refusals."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,7 +201,7 @@ def test_jvp_matches_a_central_difference_on_a_float64_dit():
 
 # --- our step equals the authors' ---------------------------------------------------------------
 
-@pytest.mark.parametrize("omega,kappa", [(0.6, 0.5), (3.0, 0.0), (1.0, 0.0)])
+@pytest.mark.parametrize("omega,kappa", [(0.6, 0.5), (3.0, 0.0)])
 def test_cheaper_step_equals_the_full_batch_jvp(omega, kappa):
   config = tiny_meanflow_config()
   config.objective.label_dropout = 0.2
@@ -235,29 +237,57 @@ def _loss_and_grads(config, devices, seed=3):
   return jax.device_get((loss, metrics, grads))
 
 
-@pytest.mark.parametrize("mesh", [
-    {"data": -1}, {"data": 1, "fsdp": 8}, {"data": 2, "tensor": 4},
-    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.xfail(
-        strict=True, reason="known: on this mesh the split step's error is 2.6e-4 off and its "
-        "gradients 6% off on CPU (the full-batch step agrees to 1e-7); not yet understood")),
-], ids=["data8", "fsdp8", "data2_tensor4", "data2_fsdp2_tensor2"])
-def test_loss_and_gradients_agree_on_one_device_and_on_a_mesh(mesh):
-  base = _loss_and_grads(tiny_meanflow_config(), jax.devices()[:1])
+@functools.lru_cache(maxsize=None)
+def _one_device(batch_size=32):
+  """_loss_and_grads of the tiny config on one device (shared by the tests that compare to it)."""
+  config = tiny_meanflow_config()
+  config.training.batch_size = batch_size
+  return _loss_and_grads(config, jax.devices()[:1])
+
+
+def test_loss_and_gradients_agree_on_one_device_and_on_a_three_axis_mesh():
+  """data 2 x fsdp 2 x tensor 2: batch, weights and heads all split. Batch 64, so that the r != t
+  rows are 4 per batch shard (see the next test for why not fewer)."""
+  base = _one_device(64)
   assert len(jax.devices()) == 8 and np.isfinite(base[0])
   config = tiny_meanflow_config()
-  config.mesh.update(mesh)
+  config.training.batch_size = 64
+  config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
   loss, metrics, grads = _loss_and_grads(config, jax.devices())
   np.testing.assert_allclose(loss, base[0], rtol=1e-5)
   np.testing.assert_allclose(metrics["error"], base[1]["error"], rtol=1e-5)
   assert_trees_close(grads["net"], base[2]["net"], rtol=1e-4, scale_atol=1e-3)
 
 
-@pytest.mark.parametrize("variant", ["remat_dots", "remat_full", "scan", "scan_remat"])
-def test_remat_and_scan_give_the_unrolled_loss_and_gradients(variant):
-  base = _loss_and_grads(tiny_meanflow_config(), jax.devices()[:1])
+@pytest.mark.xfail(strict=True, reason="XLA on CPU: the DiT's forward on a data 2 x fsdp 2 x "
+                   "tensor 2 mesh is wrong (~10% of its scale) at <= 2 rows per batch shard, "
+                   "right at >= 3; both partitioners (Shardy, GSPMD); every block piece alone "
+                   "is right. Strict: the day XLA fixes it, this test says so")
+def test_the_dit_forward_on_a_three_axis_mesh_at_two_rows_per_batch_shard():
+  """Not MeanFlow's: its cheaper step hands the network the r != t rows alone (a quarter of the
+  batch), which is where this showed; the full-batch step at the same batch is right."""
   config = tiny_meanflow_config()
-  config.model.remat = {"remat_dots": "dots", "remat_full": "full", "scan": "none",
-                        "scan_remat": "full"}[variant]
+  outputs = []
+  for mesh in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    config.mesh.update(mesh)
+    devices = jax.devices()[:1] if mesh == {"data": 1} else jax.devices()
+    setup = train_state.setup(config, devices)
+    net = jax.device_put(_perturbed_net(config), setup.state_shardings["params"]["net"])
+    rng = np.random.default_rng(0)
+    t = rng.uniform(size=8).astype(np.float32)
+    inputs = (rng.normal(size=(8, 8, 8, 1)).astype(np.float32), t, rng.integers(0, 4, size=8),
+              rng.uniform(size=8).astype(np.float32) * t)
+    sharding = parallel.batch_sharding(setup.mesh, config.mesh.rules)
+    inputs = [jax.device_put(a, sharding) for a in inputs]
+    outputs.append(np.asarray(jax.jit(setup.weights.model.apply)(net, *inputs)))
+  np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["remat_dots", "scan_remat"])
+def test_remat_and_scan_give_the_unrolled_loss_and_gradients(variant):
+  base = _one_device()
+  config = tiny_meanflow_config()
+  config.model.remat = {"remat_dots": "dots", "scan_remat": "full"}[variant]
   config.model.scan_blocks = variant.startswith("scan")
   loss, metrics, grads = _loss_and_grads(config, jax.devices()[:1])
   np.testing.assert_allclose(loss, base[0], rtol=1e-5)
@@ -267,7 +297,7 @@ def test_remat_and_scan_give_the_unrolled_loss_and_gradients(variant):
 
 
 def test_bfloat16_compute_keeps_float32_times_and_stays_close():
-  base = _loss_and_grads(tiny_meanflow_config(), jax.devices()[:1])
+  base = _one_device()
   config = tiny_meanflow_config()
   config.model.compute_dtype = "bfloat16"
   loss, metrics, grads = _loss_and_grads(config, jax.devices()[:1])
@@ -360,6 +390,7 @@ def test_in256_config_validates_and_builds_the_xl_model_abstractly():
   config = meanflow_in256.get_config()
   config.data.name = "synthetic"  # the same shapes, no latent files needed
   config_lib.validate(config)
+  config.model.compute_dtype = "float32"  # the same parameters; one abstract build, not two
   flow = config.copy_and_resolve_references()
   flow.model.second_time_embedder = False
   # DiT-XL/2's parameters plus one more time embedder (Linear(256, D), SiLU, Linear(D, D)).
