@@ -1,10 +1,15 @@
 """Test setup: 8 simulated CPU devices, float32 matmuls, quiet TensorFlow, a per-run XLA cache.
 
-XLA_FLAGS must be set before jax is imported anywhere, hence here.
+XLA_FLAGS must be set before jax is imported anywhere, hence here. Most of the suite's time is
+XLA compiling tiny programs that then run once, so the tests compile without LLVM's optimisation
+passes (--xla_backend_optimization_level=0: the same operations in the same precision, generated
+less cleverly; it halves tests/test_dit.py's CPU time). The demo runs (`train_demo`, 1500 steps)
+and the multi-process runs set their own XLA_FLAGS and compile as users do.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -32,6 +37,12 @@ import pytest  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a short subprocess run (a few steps) on `devices` CPU devices: compiled
+  without LLVM's optimisation passes, as the suite's own programs (module docstring)."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
 def train_demo(name: str, workdir: str):

@@ -17,6 +17,7 @@ from kdiff_jax import checkpoint, models, objectives, parallel, sampling, schedu
 from kdiff_jax.export import checkpoints, convert
 from kdiff_jax.models import dit, jit, torch_weights
 from kdiff_jax.objectives import imm
+from tests.conftest import xla_flags
 
 # pytest-xdist runs the tests that share the digits demo on one worker.
 pytestmark = pytest.mark.xdist_group("digits_fm")
@@ -284,7 +285,7 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_load, torch_sa
   import torch
   from safetensors.numpy import load_file
   config, workdir = digits_fm_run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   subprocess.run([sys.executable, "main.py", "--config=configs/digits_fm.py",
                   f"--workdir={workdir}", "--mode=export",
                   f"--config.export.output_dir={tmp_path}"],

@@ -17,6 +17,8 @@ import tempfile
 
 import pytest
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMAL = re.compile(r"^\d\d:\d\d:\d\d (kdiff_jax train |  |step \d+/\d+ |checkpoint step \d+ -> )")
 
@@ -38,7 +40,7 @@ def small_disk():
 
 
 def train(workdir, async_save: bool, num_steps: int = 8):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run(
       [sys.executable, "main.py", "--config=configs/digits_fm.py", f"--workdir={workdir}",
        f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=2",

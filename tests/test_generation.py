@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kdiff_jax import generation
+from tests.conftest import xla_flags
 from tests.test_demo import digit_classifier
 
 # pytest-xdist runs the tests that share the digits demo on one worker.
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_main_sample_mode_writes_npz_and_png(digits_fm_run):
   _, workdir = digits_fm_run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   subprocess.run(
       [sys.executable, "main.py", "--config=configs/digits_fm.py", f"--workdir={workdir}",
        "--mode=sample", "--config.sampling.method=ddim", "--config.sampling.num_steps=10",

@@ -19,6 +19,7 @@ from kdiff_jax.data import builtin, latents, tfds_pipeline  # noqa: E402
 from tests.test_data import TINY_EXAMPLES, sharding_for, tiny_tfds  # noqa: E402,F401
 from tests.test_multihost import ROOT, free_port  # noqa: E402
 from tests.test_vae import nchw, nhwc, torch_vae  # noqa: E402
+from tests.conftest import xla_flags  # noqa: E402
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
 pytestmark = pytest.mark.xdist_group("latents")
@@ -58,7 +59,7 @@ def encoded(tiny_tfds, tmp_path_factory):
   fields = overrides(tiny_tfds, root / "vae", root / "shards")
   port, procs, logs = free_port(), [], []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
     log = str(root / f"log{i}.txt")
     logs.append(log)
     command = [sys.executable, "main.py", "--config=configs/imm_in256.py",

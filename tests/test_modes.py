@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from kdiff_jax import checkpoint, train_state
+from tests.conftest import xla_flags
 from tests.test_evaluate import random_inception  # noqa: F401 (a fixture)
 
 # pytest-xdist runs the tests that share the digits demo on one worker.
@@ -34,7 +35,7 @@ def test_sample_eval_export_read_neither_the_optimizer_state_nor_a_config(
     checkpoint.restore(mngr, setup.abstract_state, step=int(steps[-1]))
   mngr.close()
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   few = ["--config.sampling.num_steps=4"]
   for mode, overrides in [
       ("sample", few + ["--config.sampling.num_samples=8"]),

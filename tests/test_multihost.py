@@ -15,6 +15,7 @@ import pytest
 
 from configs import digits_fm
 from kdiff_jax import checkpoint, train
+from tests.conftest import xla_flags
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
 pytestmark = pytest.mark.xdist_group("multihost")
@@ -49,7 +50,7 @@ def launch(workdir, num_processes):
   procs = []
   for i in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}")
+               XLA_FLAGS=xla_flags(8 // num_processes))
     cmd = [sys.executable, "main.py", "--config=configs/digits_fm.py", f"--workdir={workdir}", *args]
     if num_processes > 1:
       cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",

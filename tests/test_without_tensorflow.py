@@ -20,6 +20,7 @@ sys.meta_path = [Uninstalled if f is importlib.machinery.PathFinder else f for f
 import glob, os
 from configs import default
 from kdiff_jax import train
+from tests.conftest import xla_flags
 
 config = default.get_config()
 config.data.name, config.data.image_size, config.data.channels = 'synthetic', 8, 2
@@ -40,7 +41,7 @@ print('ok')
 
 
 def test_training_runs_with_tensorflow_tfds_and_clu_unimportable(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
