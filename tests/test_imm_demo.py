@@ -1,8 +1,9 @@
 """The IMM digits demo (configs/imm_digits.py) trains on CPU and its few-step samples are the right digits.
 
 The classifier of test_demo.py (logistic regression on the real digits, never on samples)
-labels 500 class-conditional samples; with 4-step pushforward sampling at least 80% must carry
-the class they were conditioned on.
+labels 500 class-conditional samples; with 4-step pushforward sampling (the config's) at least 80%
+must carry the class they were conditioned on. The accuracy at 1, 2 and 4 steps, next to the other
+few-step methods', is benchmarks/few_step.py's table.
 """
 import pytest
 
@@ -22,11 +23,7 @@ def imm_digits_run(tmp_path_factory):
 
 def test_imm_digits_samples_are_the_conditioned_digits(imm_digits_run):
   config, workdir = imm_digits_run
-  accuracies = {}
-  for num_steps in (1, 2, 4, 8):
-    config_n = config.copy_and_resolve_references()
-    config_n.sampling.num_steps = num_steps
-    accuracies[num_steps] = conditional_accuracy(config_n, workdir)
-  print("imm_digits conditional accuracy by steps: "
-        + ", ".join(f"{n}: {a:.3f}" for n, a in accuracies.items()))
-  assert accuracies[4] >= 0.8
+  assert config.sampling.num_steps == 4
+  accuracy = conditional_accuracy(config, workdir)
+  print(f"imm_digits conditional accuracy at 4 steps: {accuracy:.3f}")
+  assert accuracy >= 0.8
