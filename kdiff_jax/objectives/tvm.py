@@ -134,8 +134,9 @@ def per_example_losses(apply_fn, net_params, teacher_params, x, draws: Draws, *,
     return out.astype(jnp.promote_types(out.dtype, jnp.float32))
   w = 1.0 / beta
   a = w if scale_output else jnp.ones_like(beta)
-  y_t = b(1.0 - t) * x + b(t) * e
-  y_s_prime = b(1.0 - s_prime) * x + b(s_prime) * e
+  path = schedules.get("rectified_flow")   # y_t = (1 - t)·x + t·e, velocity e - x
+  y_t = parameterization.interpolate(x, e, t, path)
+  y_s_prime = parameterization.interpolate(x, e, s_prime, path)
 
   # F(y_t, t, t - s) and dF/ds: forward-mode in s, differentiated in reverse by the caller.
   F_ts, dF_ds = jax.jvp(lambda s_: network(net_params, y_t, t, t - s_, labels, beta),
@@ -158,7 +159,8 @@ def per_example_losses(apply_fn, net_params, teacher_params, x, draws: Draws, *,
   # torch.isclose(s, t) with its defaults: the terminal loss is 0 where s ~= t.
   distinct = jnp.abs(s - t) > 1e-8 + 1e-5 * jnp.abs(t)
   terminal = jnp.where(distinct, mean(jnp.square(b(beta) * (df_ds - b(a) * F_teacher))), 0.0)
-  v_target = b(w) * (e - x) + b(1.0 - w) * F_teacher_uncond
+  velocity = parameterization.from_x_eps("velocity", x, e, s_prime, path)   # e - x
+  v_target = b(w) * velocity + b(1.0 - w) * F_teacher_uncond
   fm = mean(jnp.square(b(beta) * (b(a) * F_s_prime - v_target)))
   return terminal + fm, terminal, fm
 
