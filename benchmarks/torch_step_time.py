@@ -41,12 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from kdiff_jax import hardware  # noqa: E402
+from kdiff_jax.export.torch_dit import DiT  # noqa: E402  (the torch twin of models/dit.py)
 from kdiff_jax.models import dit  # noqa: E402
-
-try:   # the torch DiT twin (kdiff_jax/export/torch_dit.py; torch_models.py before the split)
-  from kdiff_jax.export.torch_dit import DiT  # noqa: E402
-except ImportError:
-  from kdiff_jax.export.torch_models import DiT  # noqa: E402
 
 flags.DEFINE_list("sizes", ["T", "XS", "S"], "DiT sizes (models/dit.py SIZES).")
 flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes.")

@@ -51,7 +51,9 @@ REGISTRIES = (data, models, objectives, sampling, parallel)
 
 # Fields a run may change when it resumes (a warning says which): its length and cadence, the
 # learning rate and its schedule, where files are read and written, sampling, evaluation, the
-# mesh (checkpoints restore on any topology). Every other change alters the saved state or the
+# mesh (checkpoints restore on any topology), how the network is computed without changing its
+# weights (attention kernel, rematerialisation: e.g. a run started on CPU resumed on a GPU with
+# cuDNN attention). Every other change alters the saved state or the
 # meaning of the run and is refused unless named in --allow_config_change.
 RESUMABLE = (
     "training.num_steps", "training.log_every", "training.per_step_metrics",
@@ -59,7 +61,7 @@ RESUMABLE = (
     "training.max_rollbacks", "training.spike_factor", "optimizer.learning_rate",
     "optimizer.lr_schedule", "optimizer.warmup_steps", "data.vae_path", "data.tfds_data_dir",
     "data.latent_shard_size", "data.encode_batch_size", "sampling.", "eval.", "checkpoint.",
-    "export.", "mesh.",
+    "export.", "mesh.", "model.attention", "model.remat",
 )
 
 

@@ -214,7 +214,7 @@ def test_resume_refuses_what_alters_the_run_and_allows_the_rest():
   safe = {"training.num_steps": 5000, "optimizer.learning_rate": 3e-4, "training.log_every": 7,
           "training.checkpoint_every": 11, "training.sample_every": 13, "sampling.num_steps": 4,
           "eval.fid_num_samples": 5000, "mesh.data": 2, "optimizer.warmup_steps": 0,
-          "optimizer.lr_schedule": "constant"}
+          "optimizer.lr_schedule": "constant", "model.attention": "cudnn", "model.remat": "full"}
   for path, value in safe.items():
     changed = config_lib.check_resume(saved, _config("flow", {path: value}), step=1000)
     assert path in changed and changed[path][1] == value
