@@ -358,6 +358,7 @@ def test_one_step_with_the_exact_average_velocity_lands_on_the_data():
     ("sampling.guidance_scale", 2.0, "sampling.guidance_scale=2.0"),
     ("sampling.method", "heun", "sampling.method='heun'"),
     ("sampling.method", "pushforward", "sampling.method='pushforward'"),
+    ("data.num_classes", 0, "objective.meanflow.omega=0.6, kappa=0.5: an unconditional run"),
 ])
 def test_bad_meanflow_settings_stop_at_start_naming_the_field(field, value, words):
   config = tiny_meanflow_config()

@@ -264,6 +264,11 @@ def check(config) -> None:
     raise ValueError(f"objective.schedule={cfg.schedule!r}: MeanFlow is defined on the linear "
                      "path z_t = (1 - t)·x + t·e: set objective.schedule='rectified_flow'")
   row_layout(cfg.meanflow.share_r_equals_t)
+  options = cfg.meanflow
+  if config.data.num_classes == 0 and (options.omega != 1.0 or options.kappa != 0.0):
+    raise ValueError(f"objective.meanflow.omega={options.omega}, kappa={options.kappa}: an "
+                     "unconditional run (data.num_classes=0) has no condition to guide toward: "
+                     "set omega=1.0 and kappa=0.0")
   if config.sampling.guidance_scale != 1.0:
     raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: MeanFlow trains "
                      "its guidance in (objective.meanflow.omega, kappa) and samples without it: "
