@@ -253,15 +253,5 @@ def describe(config) -> meanflow.AverageVelocity:
 
 def build(config, apply_fn):
   check(config)
-  example_losses = make_example_losses(config, apply_fn)
-
-  def loss(params, batch, rng):
-    x, labels = batch["image"], batch["label"]
-    draws = draw(rng, x, labels, config)
-    losses = example_losses(params["net"], x, labels, draws)
-    value = jnp.mean(losses["loss"])
-    return value, {"loss": value, "error_u": jnp.mean(losses["error_u"]),
-                   "error_v": jnp.mean(losses["error_v"])}
-
-  group_size, _ = meanflow.row_layout(config.objective.meanflow.share_r_equals_t)
-  return dict(loss=loss, description=describe(config), group_size=group_size)
+  return meanflow.objective(config, draw, make_example_losses(config, apply_fn),
+                            ("error_u", "error_v"))

@@ -279,17 +279,22 @@ def describe(config) -> AverageVelocity:
   return AverageVelocity(schedules.get(config.objective.schedule))
 
 
-def build(config, apply_fn):
-  check(config)
-  example_losses = make_example_losses(config, apply_fn)
+def objective(config, draw_fn, example_losses, metrics):
+  """The objective's parts (objectives.Objective) from a variant's draws and per-example losses:
+  loss(params, batch, rng) = (batch mean of 'loss', {'loss' and the batch mean of each of
+  `metrics`}); the description; the row layout's group size. Shared by MeanFlow and iMF."""
 
   def loss(params, batch, rng):
     x, labels = batch["image"], batch["label"]
-    draws = draw(rng, x, labels, config)
+    draws = draw_fn(rng, x, labels, config)
     losses = example_losses(params["net"], x, labels, draws, **flow.dropout_kwargs(rng, config))
     value = jnp.mean(losses["loss"])
-    return value, {"loss": value, "error": jnp.mean(losses["error"]),
-                   "v_error": jnp.mean(losses["v_error"])}
+    return value, {"loss": value, **{name: jnp.mean(losses[name]) for name in metrics}}
 
   group_size, _ = row_layout(config.objective.meanflow.share_r_equals_t)
   return dict(loss=loss, description=describe(config), group_size=group_size)
+
+
+def build(config, apply_fn):
+  check(config)
+  return objective(config, draw, make_example_losses(config, apply_fn), ("error", "v_error"))
