@@ -7,7 +7,9 @@
   ... --largest_batch                              # also bisect the largest global batch that fits
 
 For each topology (hardware.tpu_slice: one jax device per chip, as a TPU VM runs it) and variant
-(model.remat = dots for 'remat', model.scan_blocks for 'scan'), the train step of train_state.py is
+(each sets model.remat and model.scan_blocks whatever the config had: 'plain' none and unrolled,
+'remat' dots, 'scan' scanned, 'remat+scan' both; 'config' keeps the config's own, e.g.
+imf_in256's full remat), the train step of train_state.py is
 lowered with the run's abstract state and batch and compiled by libtpu's XLA for that slice, and
 so is the FID / sample-grid sampler (sampling.build, batch-sharded, eval.batch_size). Printed, per
 chip: HBM of arguments, outputs, temporaries and their total (outputs aliased to donated
@@ -38,7 +40,7 @@ from kdiff_jax import aot, hardware, parallel  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Experiment config (overrides as for main.py).")
 flags.DEFINE_list("topologies", ["v5p:4x4x4"], "TPU slices, <generation>:<shape>.")
-flags.DEFINE_list("variants", ["plain"], "plain | remat | scan | remat+scan.")
+flags.DEFINE_list("variants", ["plain"], "plain | remat | scan | remat+scan | config.")
 flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (sets mesh.dcn_data).")
 flags.DEFINE_bool("sampler", True, "Also compile the batch-sharded sampler (eval.batch_size).")
 flags.DEFINE_bool("largest_batch", False, "Bisect the largest global batch that fits.")
@@ -48,13 +50,12 @@ FLAGS = flags.FLAGS
 def variant_config(config, variant: str, batch_size: int | None = None):
   config = config.copy_and_resolve_references()
   config.data.name = "synthetic"   # same shapes; nothing is read
-  parts = set(variant.split("+")) - {"plain"}
+  parts = set(variant.split("+")) - {"plain", "config"}
   if parts - {"remat", "scan"}:
-    raise ValueError(f"--variants: {variant!r}; allowed plain, remat, scan, remat+scan")
-  if "remat" in parts:
-    config.model.remat = "dots"
-  if "scan" in parts:
-    config.model.scan_blocks = True
+    raise ValueError(f"--variants: {variant!r}; allowed plain, remat, scan, remat+scan, config")
+  if variant != "config":   # each variant sets both, whatever the config had
+    config.model.remat = "dots" if "remat" in parts else "none"
+    config.model.scan_blocks = "scan" in parts
   if batch_size:
     config.training.batch_size = batch_size
   config.mesh.dcn_data = FLAGS.num_slices
