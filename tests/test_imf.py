@@ -132,8 +132,9 @@ def test_guided_velocity_and_compound_against_direct_calls():
   z = (1 - d.t)[:, None, None, None] * x + d.t[:, None, None, None] * d.noise
   v = d.noise - x
   ones, zeros = jnp.ones(8), jnp.zeros(8)
-  v_head = lambda z, y, omega: model.apply(net, z, d.t, y, zeros, guidance=omega,
-                                          interval=(zeros, ones), v_head=True)[1]
+  # Each direct call jitted once and called twice (compiles, not the math, cost the time here).
+  v_head = jax.jit(lambda z, y, omega: model.apply(net, z, d.t, y, zeros, guidance=omega,
+                                                   interval=(zeros, ones), v_head=True)[1])
   inside = (d.t >= d.t_min) & (d.t <= d.t_max)
   omega_w = jnp.where(inside, d.omega, 1.0)
   v_c, v_u = v_head(z, labels, omega_w), v_head(z, jnp.full((8,), 10), ones)
@@ -143,12 +144,13 @@ def test_guided_velocity_and_compound_against_direct_calls():
   assert np.asarray(inside).tolist() == [True, False, True, True, True, False, True, True]
   u_fn = lambda z_, t_, r_: model.apply(net, z_, t_, d.labels, t_ - r_, guidance=d.omega,
                                        interval=(d.t_min, d.t_max), v_head=True)[0]
-  u, du_dt = jax.jvp(u_fn, (z, d.t, d.r), (v_c, ones, zeros))
+  u_jvp = jax.jit(lambda tangent: jax.jvp(u_fn, (z, d.t, d.r), (tangent, ones, zeros)))
+  u, du_dt = u_jvp(v_c)
   big_v = u + (d.t - d.r)[:, None, None, None] * du_dt
   np.testing.assert_allclose(losses["compound"], big_v, rtol=1e-5, atol=1e-6)
   # With v_g as the tangent (MeanFlow's choice) V differs on the r != t rows inside their
   # interval: the test tells the two apart.
-  _, du_dt_g = jax.jvp(u_fn, (z, d.t, d.r), (v_g, ones, zeros))
+  _, du_dt_g = u_jvp(v_g)
   assert float(jnp.max(jnp.abs(du_dt_g[3] - du_dt[3]))) > 1e-4
   error = lambda a, b: jnp.sum((a - b) ** 2, axis=(1, 2, 3))
   np.testing.assert_allclose(losses["error_u"], error(big_v, v_g), rtol=1e-5)
@@ -178,18 +180,21 @@ def test_du_dt_matches_a_float64_finite_difference():
     x, labels, d = _draws()
     d = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, d)
     x = x.astype(jnp.float64)
-    losses = imf.make_example_losses(config, apply_fn)(params, x, labels, d)
+    # jitted (one compile each) rather than op by op: the same float64 operations
+    losses = jax.jit(imf.make_example_losses(config, apply_fn))(params, x, labels, d)
     assert losses["compound"].dtype == jnp.float64
     z = (1 - d.t)[:, None, None, None] * x + d.t[:, None, None, None] * d.noise
     inside = (d.t >= d.t_min) & (d.t <= d.t_max)
     omega_w = jnp.where(inside, d.omega, 1.0)
     v_c = apply_fn(params, z, d.t, labels, jnp.zeros(8), guidance=omega_w,
                    interval=(jnp.zeros(8), jnp.ones(8)), v_head=True, u_head=False)
-    u_at = lambda eps: apply_fn(params, z + eps * v_c, d.t + eps, d.labels, d.t + eps - d.r,
-                                guidance=d.omega, interval=(d.t_min, d.t_max))
+    u_at = jax.jit(lambda eps: apply_fn(params, z + eps * v_c, d.t + eps, d.labels,
+                                        d.t + eps - d.r, guidance=d.omega,
+                                        interval=(d.t_min, d.t_max)))
     eps = 2e-3  # the embedders see h in float32: rounding ~3e-8/eps
     finite = (u_at(eps) - u_at(-eps)) / (2 * eps)
     u = u_at(0.0)
+    assert u.dtype == jnp.float64
     unequal = np.asarray(d.t != d.r)
     du_dt = (losses["compound"] - u) / (d.t - d.r + ~unequal)[:, None, None, None]
     scale = float(jnp.max(jnp.abs(finite[unequal])))
