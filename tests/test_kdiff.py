@@ -330,9 +330,10 @@ def test_k_is_written_every_step_and_the_loss_every_log_every(tmp_path):
   config.training.num_steps, config.training.log_every = 6, 3
   config.training.checkpoint_every = 6
   config.checkpoint.async_save = False
-  config.sampling.num_steps, config.sampling.grid_size = 2, 1
   config.mesh.data = -1   # all 8 simulated devices, in the run and in the replay
-  train.train_and_evaluate(config, str(tmp_path))
+  # No sample grids (not what is tested; test_in256_configs_run_two_steps draws them): the run's
+  # compiled step is the replay's.
+  train.train_and_evaluate(config, str(tmp_path), sampling_actions=lambda context: ())
   scalars = _scalars(tmp_path)
 
   # The same steps replayed by hand: the step's k and the loss averaged over 3 steps.
