@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
@@ -20,7 +22,6 @@ sys.meta_path = [Uninstalled if f is importlib.machinery.PathFinder else f for f
 import glob, os
 from configs import default
 from kdiff_jax import train
-from tests.conftest import xla_flags
 
 config = default.get_config()
 config.data.name, config.data.image_size, config.data.channels = 'synthetic', 8, 2
