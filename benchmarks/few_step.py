@@ -56,12 +56,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import importlib  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from kdiff_jax import parallel, sampling, state  # noqa: E402
+from distances import energy_distance  # noqa: E402  (benchmarks/distances.py)
 
 # method -> (config module, display name, network evaluations per step as configured)
 METHODS = {
@@ -122,25 +121,6 @@ def train(method, workdir):
   return record
 
 
-def class_samples(config, workdir, seed=123):
-  """The samples conditional_accuracy draws (EMA weights, labels cycling 0-9, the same key):
-  ([n, 64] pixels, [n] labels)."""
-  mesh = parallel.make_mesh(config.mesh)
-  weights = state.Weights(config, mesh)
-  params, _ = weights.restore(workdir, use_ema=config.sampling.use_ema)
-  labels = sampling.cycling_labels(FLAGS.num_samples, range(config.data.num_classes))
-  sample = sampling.build(config, weights.objective.description, weights.model.apply)
-  images = sampling.make_sampler(config, sample, mesh, labels)(params, jax.random.key(seed))
-  return np.asarray(images).reshape(FLAGS.num_samples, -1), labels
-
-
-def energy_distance(x, y):
-  """V-statistic 2·mean|x - y| - mean|x - x'| - mean|y - y'| (float64), as benchmarks/imm_toy.py."""
-  mean_distance = lambda a, b: np.mean(np.sqrt(np.sum(np.square(a[:, None] - b[None]), -1)))
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
-
-
 def real_digits():
   """Per class c: (reference, held_out), the even- and odd-numbered real digits of class c
   (pixels x/8 - 1, the training data's scale)."""
@@ -160,7 +140,7 @@ def main(argv):
   unknown = sorted(set(FLAGS.methods) - set(METHODS))
   if unknown:
     raise ValueError(f"--methods={unknown}: allowed values are {list(METHODS)}")
-  from tests.test_demo import digit_classifier
+  from tests.test_demo import conditional_samples, digit_classifier
   classifier, real = digit_classifier(), real_digits()
   per_class = FLAGS.num_samples // 10
   floor = np.mean([energy_distance(real[c][1][:per_class], real[c][0]) for c in real])
@@ -180,7 +160,7 @@ def main(argv):
         config.sampling.num_steps = n
         if guidance_scale is not None:
           config.sampling.guidance_scale = guidance_scale
-        images, labels = class_samples(config, workdir)
+        images, labels = conditional_samples(config, workdir, FLAGS.num_samples)
         accuracies.append(float(np.mean(classifier.predict(images) == labels)))
         distances.append(class_energy_distance(images, labels, real))
       rows.append((name, evaluations, record["seconds"], accuracies, distances))

@@ -56,6 +56,7 @@ from absl import app, flags  # noqa: E402
 from configs import default  # noqa: E402
 from kdiff_jax import parallel, sampling, train  # noqa: E402
 from kdiff_jax.data import builtin  # noqa: E402
+from distances import energy_distance  # noqa: E402  (benchmarks/distances.py)
 
 flags.DEFINE_list("toys", ["8gaussians", "moons"], "Toy distributions (builtin.TOY_NAMES).")
 MODELS = {"fm": "FM (Euler)", "imm_laplace": "IMM Laplace", "imm_rbf": "IMM RBF",
@@ -99,10 +100,10 @@ def toy_config(model, toy_name):
   config.mesh.data = 1
   if model not in MODELS:
     raise ValueError(f"--models: {model!r} is not one of {list(MODELS)}")
+  config.sampling.grid = "uniform_t"  # every model: N calls on t_start -> 0
+  config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
   if model == "fm":
     config.sampling.method = "euler"
-    config.sampling.grid = "uniform_t"
-    config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
   elif model == "meanflow":
     config.model.second_time_embedder = True  # h = t - r
     config.model.time_scale = 1.0             # MeanFlow embeds the raw t and h
@@ -111,8 +112,6 @@ def toy_config(model, toy_name):
     config.objective.logit_normal_mean = -0.4
     config.objective.meanflow.omega, config.objective.meanflow.kappa = 1.0, 0.0  # no guidance
     config.sampling.method = "mean_flow"
-    config.sampling.grid = "uniform_t"
-    config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
   elif model == "tvm":
     config.model.second_time_embedder = True  # h = t - s
     config.model.guidance_embedder = True     # beta, always 1 here
@@ -121,8 +120,6 @@ def toy_config(model, toy_name):
     config.objective.tvm.cfg_draw = "fixed"
     config.objective.tvm.cfg = 1.0            # beta = 1: the plain velocity target e - x
     config.sampling.method = "tvm"
-    config.sampling.grid = "uniform_t"
-    config.sampling.t_start, config.sampling.t_end = 1.0, 0.0
   else:
     config.model.second_time_embedder = True
     config.objective.name = "imm"
@@ -132,8 +129,7 @@ def toy_config(model, toy_name):
     config.objective.imm.bandwidth = FLAGS.bandwidth
     config.objective.imm.estimator = FLAGS.estimator
     config.sampling.method = "pushforward"
-    config.sampling.grid = "uniform_t"
-    config.sampling.t_start, config.sampling.t_end = 0.994, 0.0
+    config.sampling.t_start = 0.994
   return config
 
 
@@ -167,13 +163,6 @@ def sampler(s, num_steps):
     noise = config.objective.noise_std * jax.random.normal(key_noise, shape, jnp.float32)
     return sample_fn(params, noise, labels, key_sampler)
   return jax.jit(sample)
-
-
-def energy_distance(x, y):
-  """V-statistic 2·mean|x - y| - mean|x - x'| - mean|y - y'| (float64)."""
-  mean_distance = lambda a, b: np.mean(np.sqrt(np.sum(np.square(a[:, None] - b[None]), -1)))
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
 
 
 def fresh_data(toy_name, seed):

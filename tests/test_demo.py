@@ -24,17 +24,22 @@ def digit_classifier():
   return LogisticRegression(max_iter=2000).fit(x, digits.target)
 
 
-def conditional_accuracy(config, workdir, num_samples=500, seed=123):
-  """Fraction of samples whose classifier label is the class they were conditioned on."""
+def conditional_samples(config, workdir, num_samples=500, seed=123):
+  """([num_samples, pixels] samples, [num_samples] labels) of the run in workdir (its sampling
+  weights), the labels cycling over the classes."""
   mesh = parallel.make_mesh(config.mesh)
   weights = state.Weights(config, mesh)
   params, _ = weights.restore(workdir, use_ema=config.sampling.use_ema)
   labels = sampling.cycling_labels(num_samples, range(config.data.num_classes))
   sample = sampling.build(config, weights.objective.description, weights.model.apply)
-  images = np.asarray(sampling.make_sampler(config, sample, mesh, labels)(params,
-                                                                           jax.random.key(seed)))
-  predicted = digit_classifier().predict(images.reshape(num_samples, -1))
-  return float(np.mean(predicted == labels))
+  images = sampling.make_sampler(config, sample, mesh, labels)(params, jax.random.key(seed))
+  return np.asarray(images).reshape(num_samples, -1), labels
+
+
+def conditional_accuracy(config, workdir, num_samples=500, seed=123):
+  """Fraction of samples whose classifier label is the class they were conditioned on."""
+  images, labels = conditional_samples(config, workdir, num_samples, seed)
+  return float(np.mean(digit_classifier().predict(images) == labels))
 
 
 def test_demo_writes_checkpoints_events_and_grid(digits_fm_run):
