@@ -85,3 +85,15 @@ def digits_fm_run(tmp_path_factory):
   directory = once_per_run(tmp_path_factory, "digits_fm", lambda d: train_demo("digits_fm", d))
   from configs import digits_fm
   return digits_fm.get_config(), directory
+
+
+def pytest_sessionfinish(session):
+  """Free the compiled programs and arrays the run made while the worker is still in its session.
+
+  Left to interpreter exit, that garbage collection can outlast the 5 s pytest-xdist gives a
+  finished worker to shut down; it then sends the worker SIGINT, which lands in JAX's gc
+  callback and prints a KeyboardInterrupt traceback after a run that passed."""
+  del session
+  import gc
+  jax.clear_caches()
+  gc.collect()
