@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import tables  # noqa: E402
 from kdiff_jax import hardware, objectives, parallel  # noqa: E402
 from kdiff_jax.models import dit  # noqa: E402
 
@@ -385,44 +386,33 @@ def main(argv):
       HEADER.format(first=preset_path(FLAGS.objectives[0])[0]),
       "|" + "---|" * (HEADER.count("|") - 1),
   ]
-  output = open(FLAGS.output, "w") if FLAGS.output else None
-
-  def emit(line):   # rows reach the file as they come: a sweep stopped midway keeps them
-    print(line, flush=True)
-    if output:
-      output.write(line + "\n")
-      output.flush()
-
-  for line in lines:
-    emit(line)
-  limit = memory_limit() if FLAGS.largest_batch else None
-  if FLAGS.largest_batch and limit is None:
-    raise app.UsageError("--largest_batch needs the device's memory: pass --memory_gb")
-  reference = {}
-  for size in FLAGS.sizes:
-    for dtype in FLAGS.compute_dtypes:
-      for remat in FLAGS.remats:
-        for attention in FLAGS.attentions:
-          batches = [int(b) for b in FLAGS.batch_sizes]
-          for batch in ([None] if FLAGS.largest_batch else batches):
-            for objective in FLAGS.objectives:
-              case = Case(size, objective, dtype, remat, attention)
-              note = ""
-              if FLAGS.largest_batch:
-                try:
-                  batch, probes = largest_batch(case, batches[0], limit)
-                except Exception as error:  # noqa: BLE001
-                  batch, probes = 0, 0
-                  note = f" ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-                if not batch:
-                  row = (f"| DiT-{size}/{FLAGS.patch_size} | {case.objective} | {dtype} | "
-                         f"{remat} | {attention} | | none fits{note} |")
-                  emit(row)
-                  continue
-                note = f" (largest; {probes} compiles)"
-              emit(run_case(case, batch, peak, factors, reference, note))
-  if output:
-    output.close()
+  with tables.table_writer(FLAGS.output, lines) as emit:
+    limit = memory_limit() if FLAGS.largest_batch else None
+    if FLAGS.largest_batch and limit is None:
+      raise app.UsageError("--largest_batch needs the device's memory: pass --memory_gb")
+    reference = {}
+    for size in FLAGS.sizes:
+      for dtype in FLAGS.compute_dtypes:
+        for remat in FLAGS.remats:
+          for attention in FLAGS.attentions:
+            batches = [int(b) for b in FLAGS.batch_sizes]
+            for batch in ([None] if FLAGS.largest_batch else batches):
+              for objective in FLAGS.objectives:
+                case = Case(size, objective, dtype, remat, attention)
+                note = ""
+                if FLAGS.largest_batch:
+                  try:
+                    batch, probes = largest_batch(case, batches[0], limit)
+                  except Exception as error:  # noqa: BLE001
+                    batch, probes = 0, 0
+                    note = f" ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+                  if not batch:
+                    row = (f"| DiT-{size}/{FLAGS.patch_size} | {case.objective} | {dtype} | "
+                           f"{remat} | {attention} | | none fits{note} |")
+                    emit(row)
+                    continue
+                  note = f" (largest; {probes} compiles)"
+                emit(run_case(case, batch, peak, factors, reference, note))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import tables  # noqa: E402
 from kdiff_jax import hardware  # noqa: E402
 from kdiff_jax.export.torch_dit import DiT  # noqa: E402  (the torch twin of models/dit.py)
 from kdiff_jax.models import dit  # noqa: E402
@@ -180,29 +181,18 @@ def main(argv):
       HEADER,
       "|" + "---|" * (HEADER.count("|") - 1),
   ]
-  output = open(FLAGS.output, "w") if FLAGS.output else None
-
-  def emit(line):   # rows reach the file as they come: a sweep stopped midway keeps them
-    print(line, flush=True)
-    if output:
-      output.write(line + "\n")
-      output.flush()
-
-  for line in lines:
-    emit(line)
-  for size in FLAGS.sizes:
-    for batch in map(int, FLAGS.batch_sizes):
-      try:
-        row = run(size, batch, device, peak)
-      except Exception as error:  # noqa: BLE001 - an out-of-memory or a kernel refusal is a result
-        message = str(error).split("\n")[0][:200].replace("|", "/")
-        row = (f"| DiT-{size}/{FLAGS.patch_size} | flow | | {batch} | "
-               f"{type(error).__name__}: {message} |")
-        if device.type == "cuda":
-          torch.cuda.empty_cache()
-      emit(row)
-  if output:
-    output.close()
+  with tables.table_writer(FLAGS.output, lines) as emit:
+    for size in FLAGS.sizes:
+      for batch in map(int, FLAGS.batch_sizes):
+        try:
+          row = run(size, batch, device, peak)
+        except Exception as error:  # noqa: BLE001 - an out-of-memory or refusal is a result
+          message = str(error).split("\n")[0][:200].replace("|", "/")
+          row = (f"| DiT-{size}/{FLAGS.patch_size} | flow | | {batch} | "
+                 f"{type(error).__name__}: {message} |")
+          if device.type == "cuda":
+            torch.cuda.empty_cache()
+        emit(row)
 
 
 if __name__ == "__main__":
