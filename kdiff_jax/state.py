@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import PartitionSpec as P
 
 from kdiff_jax import checkpoint, models, objectives, parallel, schedules
@@ -33,6 +33,7 @@ class Model:
   abstract_net: dict      # pure dict of ShapeDtypeStructs
   logical_net: dict       # pure dict of PartitionSpecs of logical axis names
   apply: Callable[..., Any]
+  compute_weights: Callable[[dict], dict]   # `compute_weights` below, for this model
 
   @property
   def num_params(self) -> int:
@@ -44,12 +45,43 @@ def _abstract(config):
     abstract_model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-  return graphdef, nnx.to_pure_dict(abstract_params), logical
+  return graphdef, nnx.to_pure_dict(abstract_params), logical, _compute_casts(abstract_model)
+
+
+def _compute_casts(abstract_model) -> dict:
+  """{path in the pure params dict: dtype} of the weights that a Linear or Conv casts to its
+  compute dtype on every call (flax promotes kernel and bias to `dtype`); the rest (norms, label
+  tables, the float32 time embedders) are read as stored."""
+  casts = {}
+  for path, node in nnx.iter_graph(abstract_model):
+    if isinstance(node, (nnx.Linear, nnx.Conv)) and node.dtype is not None \
+        and np.dtype(node.dtype) != np.dtype(node.param_dtype):
+      for name in ("kernel", "bias"):
+        if getattr(node, name, None) is not None:
+          casts[tuple(path) + (name,)] = np.dtype(node.dtype)
+  return casts
+
+
+def compute_weights(net_params: dict, casts: dict) -> dict:
+  """The weights as the compute-dtype network reads them: each of `casts` in its compute dtype.
+
+  The network's output is the same either way (the Linear layers cast to the same dtype when
+  given float32). A loss that calls the network more than once with gradient (MeanFlow's split
+  step, iMF, TVM) casts once, before the calls, so each weight's gradients from the calls are
+  summed in the compute dtype and reduced over the batch shards once; cast inside each call,
+  every call's gradient is all-reduced, converted and only then summed, and XLA does not join
+  reductions across the convert (benchmarks/RESULTS.md, "Few-step objectives on TPU slices").
+  """
+  if not casts:
+    return net_params
+  flat = traverse_util.flatten_dict(net_params)
+  return traverse_util.unflatten_dict(
+      {path: value.astype(casts[path]) if path in casts else value for path, value in flat.items()})
 
 
 def build_model(config) -> Model:
   """The abstract model of config.model (and data shapes) with its apply function."""
-  graphdef, abstract_net, logical_net = _abstract(config)
+  graphdef, abstract_net, logical_net, casts = _abstract(config)
   if config.model.compute_dtype == "float32":
     graphdef_f32 = graphdef
   else:
@@ -67,7 +99,8 @@ def build_model(config) -> Model:
       conditioning["dropout_rng"] = dropout_rng
     return net(x_t, t, labels, s, **conditioning)
 
-  return Model(graphdef, abstract_net, logical_net, apply)
+  return Model(graphdef, abstract_net, logical_net, apply,
+               lambda net_params: compute_weights(net_params, casts))
 
 
 def init_net(config):

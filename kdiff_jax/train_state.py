@@ -137,10 +137,18 @@ def make_train_step(setup: Setup):
   """train_step(state, batch) -> (state, metrics), jitted with shardings and a donated state."""
   decays = tuple(setup.config.training.ema_decays)
   objective, optimizer = setup.objective, setup.optimizer
+  cast_once = not objective.full_precision_pass
+
+  def loss_fn(params, *args, **kwargs):
+    """The objective's loss on the weights cast once to the compute dtype (state.compute_weights:
+    one gradient reduction per weight however often the loss calls the network)."""
+    if cast_once:
+      params = dict(params, net=setup.model.compute_weights(params["net"]))
+    return objective.loss(params, *args, **kwargs)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     teacher = {"teacher": state["teacher"]} if "teacher" in state else {}
     (loss, metrics), grads = grad_fn(state["params"], batch, rng, **teacher)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default, imm_in256
-from kdiff_jax import data, parallel, parameterization, schedules, train
+from kdiff_jax import data, parallel, parameterization, schedules, train, train_state
 from kdiff_jax.objectives import imm
 from kdiff_jax.samplers import grids
 from kdiff_jax.samplers import imm as imm_sampling
@@ -321,6 +321,26 @@ def test_loss_and_gradients_agree_on_one_and_eight_devices():
   for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads_1), jax.tree.leaves(grads_8)):
     np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-3 * np.max(np.abs(g1)) + 1e-12,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_float32_target_pass_reads_the_stored_weights_in_the_train_step():
+  """The train step casts the weights once to the compute dtype (state.compute_weights) unless
+  the objective also runs the network in float32: IMM's target pass with target_full_precision
+  must see the stored float32 weights, not their bf16 rounding."""
+  config = tiny_imm_config()
+  config.model.compute_dtype = "bfloat16"
+  assert config.objective.imm.target_full_precision
+  s, state = _init(config, jax.devices()[:1])
+  state = dict(state, params=dict(state["params"], net=jax.device_put(_perturbed_net(state))))
+  batch = next(data.build_iterator(config.data, global_batch_size=32, seed=0,
+                                   sharding=parallel.batch_sharding(s.mesh, config.mesh.rules)))
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  loss = jax.jit(lambda params: s.objective.loss(params, batch, rng)[0])
+  stored = float(loss(state["params"]))
+  cast = float(loss(dict(state["params"], net=s.model.compute_weights(state["params"]["net"]))))
+  assert abs(cast - stored) > 1e-5 * abs(stored)   # the target pass does see the rounding
+  _, metrics = train_state.make_train_step(s)(state, batch)
+  np.testing.assert_allclose(float(metrics["loss"]), stored, rtol=1e-6)
 
 
 def test_group_size_must_divide_the_per_device_batch():

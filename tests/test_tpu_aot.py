@@ -103,3 +103,27 @@ def test_sampler_compiles_batch_sharded(devices):
   compiled = aot.compile_sampler(s)
   assert compiled.ok, compiled.error
   assert compiled.output_shardings.spec[0] == ("data", "fsdp")
+
+
+def test_meanflow_all_reduces_each_weight_gradient_once(devices):
+  """MeanFlow's cheaper step runs the network twice with gradient (the r = t rows' forward and
+  the JVP's primal). In bfloat16 the train step casts the weights once (state.compute_weights), so
+  the two gradients of a weight are summed before their one all-reduce: about half the float32
+  bytes of the weights (the Linear kernels in bf16). Cast inside each call, the compiler
+  all-reduces each call's bf16 gradient, as many bytes as all weights in float32."""
+  config = _tiny_config()
+  config.mesh.data, config.mesh.fsdp = -1, 1
+  config.model.compute_dtype = "bfloat16"
+  config.model.second_time_embedder = True
+  config.model.time_scale = 1.0
+  config.objective.name = "meanflow"
+  config.objective.schedule = "rectified_flow"
+  config.objective.meanflow.share_r_equals_t = 0.5   # groups of 2: 10 rows per chip
+  config.objective.meanflow.omega, config.objective.meanflow.kappa = 0.5, 0.3
+  config.sampling.method = "mean_flow"
+  s, compiled = aot.compile_train_step(config, devices)
+  assert compiled.ok, compiled.error
+  assert s.mesh.shape["data"] == 4
+  float32_bytes = _nbytes(s.model.abstract_net)
+  _, reduced, _ = compiled.collectives["all-reduce"]
+  assert 0.4 * float32_bytes < reduced < 0.75 * float32_bytes, (reduced, float32_bytes)

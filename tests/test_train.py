@@ -1,10 +1,11 @@
 """The trainer: sharding invariance, exact resume, cross-topology restore, fail-fast config."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
-from kdiff_jax import actions, checkpoint, train, train_state
+from kdiff_jax import actions, checkpoint, state, train, train_state
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
 pytestmark = pytest.mark.xdist_group("train")
@@ -75,6 +76,33 @@ def test_fsdp_actually_shards_parameters():
   setup = train_state.setup(tiny_config(data=2, fsdp=4), jax.devices())
   specs = [sharding.spec for sharding in jax.tree.leaves(setup.state_shardings["params"])]
   assert any("fsdp" in str(spec) for spec in specs)
+
+
+def test_compute_weights_cast_what_the_network_casts_and_nothing_else():
+  """state.compute_weights: the weights that the train step casts once to the compute dtype are
+  exactly those the network would cast on every call, so its output does not change."""
+  config = tiny_config()
+  config.model.compute_dtype = "bfloat16"
+  config.model.second_time_embedder = True   # float32 time embedders next to bf16 blocks
+  model = state.build_model(config)
+  net = jax.jit(lambda: state.init_net(config))()
+  net = jax.tree.map(lambda p: p + 0.05 * np.random.default_rng(0).normal(size=p.shape)
+                     .astype(np.float32), net)   # non-zero adaLN gates and final layer
+  cast = model.compute_weights(net)
+  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(cast)}
+  assert {str(d) for d in dtypes.values()} == {"bfloat16", "float32"}, dtypes
+  rng = np.random.default_rng(1)
+  inputs = (rng.normal(size=(4, 8, 8, 2)).astype(np.float32), rng.uniform(size=4).astype(np.float32),
+            np.arange(4), rng.uniform(size=4).astype(np.float32))
+  out = np.asarray(model.apply(net, *inputs))
+  np.testing.assert_array_equal(np.asarray(model.apply(cast, *inputs)), out)
+  # Rounding every weight (the time embedders and norms compute in float32) does change it.
+  everything = jax.tree.map(lambda p: p.astype(jnp.bfloat16), net)
+  assert not np.array_equal(np.asarray(model.apply(everything, *inputs)), out)
+  # In float32 there is nothing to cast.
+  float32 = tiny_config()
+  float32.model.second_time_embedder = True
+  assert state.build_model(float32).compute_weights(net) is net
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -43,6 +43,9 @@ class Objective:
   extra_params: dict = dataclasses.field(default_factory=dict)
   group_size: int = 1
   teacher_decay: float | None = None   # an EMA teacher of the online weights (module docstring)
+  # The loss also runs the network with full_precision=True (IMM's target pass), so it must get
+  # the stored float32 weights, not the ones cast once for the compute dtype (state.Model).
+  full_precision_pass: bool = False
 
 
 MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff, "meanflow": meanflow, "tvm": tvm}

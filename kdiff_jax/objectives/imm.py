@@ -268,4 +268,5 @@ def build(config, apply_fn):
     value = jnp.mean(weighted)
     return value, {"loss": value, "mmd2": jnp.mean(mmd2)}
 
-  return dict(loss=loss, description=describe(config), group_size=group_size)
+  return dict(loss=loss, description=describe(config), group_size=group_size,
+              full_precision_pass=config.objective.imm.target_full_precision)
