@@ -112,6 +112,7 @@ def test_meanflow_all_reduces_each_weight_gradient_once(devices):
   bytes of the weights (the Linear kernels in bf16). Cast inside each call, the compiler
   all-reduces each call's bf16 gradient, as many bytes as all weights in float32."""
   config = _tiny_config()
+  config.model.size = "T"   # the smallest DiT: only the all-reduced bytes are read here
   config.mesh.data, config.mesh.fsdp = -1, 1
   config.model.compute_dtype = "bfloat16"
   config.model.second_time_embedder = True
