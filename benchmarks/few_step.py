@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from distances import energy_distance  # noqa: E402  (benchmarks/distances.py)
+from benchmarks.distances import energy_distance  # noqa: E402
 
 # method -> (config module, display name, network evaluations per step as configured)
 METHODS = {

@@ -53,10 +53,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.distances import energy_distance  # noqa: E402
 from configs import default  # noqa: E402
 from kdiff_jax import parallel, sampling, train  # noqa: E402
 from kdiff_jax.data import builtin  # noqa: E402
-from distances import energy_distance  # noqa: E402  (benchmarks/distances.py)
 
 flags.DEFINE_list("toys", ["8gaussians", "moons"], "Toy distributions (builtin.TOY_NAMES).")
 MODELS = {"fm": "FM (Euler)", "imm_laplace": "IMM Laplace", "imm_rbf": "IMM RBF",

@@ -10,9 +10,10 @@ dropout_rng=None, **conditioning)` runs the network functionally at the schedule
 except on DDPM's VP schedule, where the network sees DDPM's step index k at alphabar_k:
 schedules.VP.network_time); full_precision=True runs its float32 build
 whatever model.compute_dtype says (IMM's target pass); dropout_rng, given by the training passes
-of a network with model.dropout > 0 (`flow.dropout_kwargs`), turns its dropout on. Sampling,
-evaluation and export read one set of weights (an EMA or the raw ones) through `Weights.restore`
-and never build an optimizer.
+of a network with model.dropout > 0 (`flow.dropout_kwargs`), turns its dropout on.
+`compute_weights(net_params)` gives the weights in the dtype the network computes with (the
+train step casts them once per step). Sampling, evaluation and export read one set of weights
+(an EMA or the raw ones) through `Weights.restore` and never build an optimizer.
 """
 import dataclasses
 from typing import Any, Callable
@@ -66,9 +67,10 @@ def compute_weights(net_params: dict, casts: dict) -> dict:
   """The weights as the compute-dtype network reads them: each of `casts` in its compute dtype.
 
   The network's output is the same either way (the Linear layers cast to the same dtype when
-  given float32). A loss that calls the network more than once with gradient (MeanFlow's split
-  step, iMF, TVM) casts once, before the calls, so each weight's gradients from the calls are
-  summed in the compute dtype and reduced over the batch shards once; cast inside each call,
+  given float32). The train step casts once, before the loss (train_state.make_train_step), so
+  when the loss calls the network more than once with gradient (MeanFlow's split step, iMF,
+  TVM) each weight's gradients from the calls are summed in the compute dtype and reduced over
+  the batch shards once; cast inside each call,
   every call's gradient is all-reduced, converted and only then summed, and XLA does not join
   reductions across the convert (benchmarks/RESULTS.md, "Few-step objectives on TPU slices").
   """
