@@ -45,6 +45,7 @@ flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (sets mesh.dcn_dat
 flags.DEFINE_bool("sampler", True, "Also compile the batch-sharded sampler (eval.batch_size).")
 flags.DEFINE_bool("largest_batch", False, "Bisect the largest global batch that fits.")
 flags.DEFINE_integer("bisect_compiles", 4, "At most this many compiles per bisection.")
+flags.DEFINE_string("hlo_dir", "", "Write each compiled train step's HLO text here.")
 FLAGS = flags.FLAGS
 
 def variant_config(config, variant: str, batch_size: int | None = None):
@@ -88,7 +89,26 @@ def _gb(nbytes: float) -> str:
   return f"{nbytes / 1e9:.2f}"
 
 
-def report(topology, variant, setup, chip, compiled: aot.Compiled, what: str, batch: int) -> str:
+def collective_time(sent_bytes: float, chip) -> float:
+  """Seconds to send `sent_bytes` per chip at the chip's ICI bandwidth one way (half the
+  datasheet's bidirectional figure: a ring chip sends and receives as much), no overlap."""
+  return sent_bytes / (chip.ici_bytes_per_second / 2) if chip.ici_bytes_per_second else None
+
+
+def collectives_cell(compiled: aot.Compiled, ideal: dict | None) -> str:
+  """'kind count[xruns] sent GB [/ ideal GB = ratio] (axes)' per kind."""
+  cells = []
+  for kind, summary in compiled.collectives.items():
+    runs = f"({summary.executions} runs)" if summary.executions != summary.count else ""
+    cell = f"{kind} {summary.count}x{runs} {_gb(summary.sent_bytes)}"
+    if ideal is not None and ideal.get(kind):
+      cell += f" / {_gb(ideal[kind])} = {summary.sent_bytes / ideal[kind]:.2f}x"
+    cells.append(cell + f" ({','.join(summary.axes)})")
+  return "; ".join(cells) or "none"
+
+
+def report(topology, variant, setup, chip, compiled: aot.Compiled, what: str, batch: int,
+           ideal: dict | None = None) -> str:
   """One Markdown table row."""
   mesh = " ".join(f"{a}{n}" for a, n in setup.mesh.shape.items() if n > 1) or "1"
   devices = setup.mesh.devices.flatten()
@@ -98,23 +118,24 @@ def report(topology, variant, setup, chip, compiled: aot.Compiled, what: str, ba
     return (f"| {topology} | {len(devices)}/{hosts} | {mesh} | {variant} | {what} | {batch} | "
             f"{batch / len(devices):g} | - | - | - | {compiled.error} | {_gb(hbm)} | no | - | - | "
             f"- | {compiled.seconds:.0f} |")
-  floor = compiled.flops / chip.bf16_flops
-  kinds = ", ".join(f"{k} {n}x {v / 1e9:.2f}GB" for k, (n, v, _) in
-                    sorted(compiled.collectives.items())) or "none"
-  comm = sum(v for _, v, _ in compiled.collectives.values())
-  comm_time = f"{comm / chip.ici_bytes_per_second * 1e3:.0f}" if chip.ici_bytes_per_second else "-"
+  flop_time = compiled.flops / chip.bf16_flops
+  sent = sum(summary.sent_bytes for summary in compiled.collectives.values())
+  comm_time = collective_time(sent, chip)
+  times = f"{flop_time * 1e3:.1f} / " + (
+      f"{comm_time * 1e3:.1f} / {comm_time / flop_time:.2f}" if comm_time is not None
+      and flop_time else "- / -")
   return (f"| {topology} | {len(devices)}/{hosts} | {mesh} | {variant} | {what} | {batch} | "
           f"{batch / len(devices):g} | {_gb(compiled.args)} | {_gb(compiled.outputs)} | "
           f"{_gb(compiled.temps)} | {_gb(compiled.total)} | {_gb(hbm)} | "
           f"{'yes' if compiled.total <= hbm else 'NO'} | {compiled.flops / 1e12:.2f} | "
-          f"{floor * 1e3:.0f} / {comm_time} / {compiled.optimal_seconds * 1e3:.0f} | {kinds} | "
-          f"{compiled.seconds:.0f} |")
+          f"{times} | {collectives_cell(compiled, ideal)} | {compiled.seconds:.0f} |")
 
 
 HEADER = ("| slice | chips/hosts | mesh | variant | program | global batch | per chip | "
           "args GB | outputs GB | temps GB | total GB | HBM GB | fits | TFLOP/chip | "
-          "est. ms: FLOPs at peak / collectives at ICI / XLA optimal_seconds | "
-          "collectives (static count, result bytes per chip) | compile s |\n"
+          "est. ms: FLOPs at peak / collectives at ICI / ratio | "
+          "collectives: kind, count (runs), GB sent per chip / ideal = ratio (mesh axes) | "
+          "compile s |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -136,8 +157,14 @@ def main(argv):
     for variant in FLAGS.variants:
       vconfig = variant_config(config, variant)
       setup, step = aot.compile_train_step(vconfig, devices)
-      print(report(topology, variant, setup, chip, step, "train step", vconfig.training.batch_size),
-            flush=True)
+      print(report(topology, variant, setup, chip, step, "train step", vconfig.training.batch_size,
+                   aot.ideal_collectives(setup)), flush=True)
+      if FLAGS.hlo_dir and step.ok:
+        path = os.path.join(FLAGS.hlo_dir, f"{topology.replace(':', '_')}_{variant}.hlo.txt")
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+        with open(path, "w") as f:
+          f.write(step.hlo)
+        notes.append(f"{topology} {variant}: the train step's HLO is in {path}")
       if FLAGS.sampler:
         print(report(topology, variant, setup, chip, aot.compile_sampler(setup), "sampler",
                      vconfig.eval.batch_size), flush=True)

@@ -6,7 +6,9 @@
 Nothing runs: the programs are lowered with the run's abstract state and batch (train_state.setup's
 shardings) and compiled by the devices' own compiler, libtpu's XLA for a deviceless TPU slice.
 memory_analysis() gives each device's bytes of arguments, outputs and temporaries;
-cost_analysis() XLA's FLOPs and its `optimal_seconds`; the compiled HLO text the collectives.
+cost_analysis() XLA's FLOPs and its `optimal_seconds`; the compiled HLO text the collectives,
+read as the chip runs them (kdiff_jax/collectives.py), and `ideal_collectives` what the step
+must send at the least.
 A program that does not fit the device's memory fails to compile: `Compiled.ok` is False and
 `error` carries the compiler's figure.
 """
@@ -19,41 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax._src import config as jax_config  # enable_compilation_cache as a context
 
-from kdiff_jax import data, parallel, sampling, train_state
+from kdiff_jax import collectives, data, parallel, sampling, train_state
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\((.*?)\)")
-_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 # libtpu: "... the total memory required for HLO temporaries (43.92G) exceeds available HBM (30.75G)"
 _NEEDED = re.compile(r"required for (.*?) \(([0-9.]+[KMGT])\) exceeds available HBM \(([0-9.]+[KMGT])\)")
-
-
-def _arrays(text):
-  """[(dtype, shape)] of the arrays an HLO shape string names."""
-  return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in
-          _ARRAY.findall(text)]
-
-
-def _nbytes(arrays) -> int:
-  return sum(_BYTES[dtype] * math.prod(shape) for dtype, shape in arrays)
-
-
-def collectives(hlo_text: str) -> dict:
-  """kind -> (static count, result bytes, result shapes) of the collectives in compiled HLO text.
-
-  An async op is counted at its -start; its tuple result holds the operands first, then the
-  results, and only the results count.
-  """
-  found = {}
-  for result, kind, start, operands in _COLLECTIVE.findall(hlo_text):
-    results = _arrays(result)
-    if start and result.startswith("("):
-      results = results[len(_arrays(operands)):] or results
-    count, nbytes, shapes = found.get(kind, (0, 0, []))
-    found[kind] = (count + 1, nbytes + _nbytes(results), shapes + [s for _, s in results])
-  return found
 
 
 @dataclasses.dataclass
@@ -67,15 +38,17 @@ class Compiled:
   total: float = 0.0
   flops: float = 0.0
   optimal_seconds: float = float("nan")
-  collectives: dict = dataclasses.field(default_factory=dict)
+  collectives: dict = dataclasses.field(default_factory=dict)   # kind -> collectives.Summary
+  hlo: str = ""   # the compiled program's HLO text, to read what the figures came from
   input_shardings: tuple = ()
   output_shardings: object = None
   error: str = ""
 
 
-def compile_program(jitted, *abstract_args) -> Compiled:
+def compile_program(jitted, *abstract_args, mesh=None) -> Compiled:
   """jitted.lower(*abstract_args).compile() for the devices of the shardings, measured (never
-  from or into a persistent compilation cache: the compile time is a result)."""
+  from or into a persistent compilation cache: the compile time is a result); `mesh` names the
+  axes each collective spans."""
   start = time.perf_counter()
   try:
     with jax_config.enable_compilation_cache(False):
@@ -91,13 +64,14 @@ def compile_program(jitted, *abstract_args) -> Compiled:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
+  hlo = compiled.as_text()
   return Compiled(
       True, seconds, args=memory.argument_size_in_bytes, outputs=outputs,
       temps=memory.temp_size_in_bytes,
       total=memory.argument_size_in_bytes + outputs + memory.temp_size_in_bytes,
       flops=float(cost.get("flops", 0.0)),
       optimal_seconds=float(cost.get("optimal_seconds", float("nan"))),
-      collectives=collectives(compiled.as_text()),
+      collectives=collectives.summarize(collectives.read(hlo, mesh)), hlo=hlo,
       input_shardings=compiled.input_shardings, output_shardings=compiled.output_shardings)
 
 
@@ -112,7 +86,20 @@ def compile_train_step(config, devices):
                                     sharding=sharding),
       "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
   return setup, compile_program(train_state.make_train_step(setup), setup.abstract_state,
-                                abstract_batch)
+                                abstract_batch, mesh=setup.mesh)
+
+
+def ideal_collectives(setup: train_state.Setup) -> dict:
+  """kind -> the bytes per chip a train step of `setup` must send at the least
+  (collectives.ideal): the gradients in the dtype the step reduces them in (the compute dtype
+  of the weights it casts once), the weights gathered for the forward and the backward, and once
+  more with remat."""
+  abstract = setup.weights.abstract
+  net_dtypes = jax.eval_shape(setup.model.compute_weights, abstract["net"])
+  dtypes = jax.tree.map(lambda x: x.dtype, dict(abstract, net=net_dtypes))
+  gathers = 2 + (setup.config.model.remat != "none")
+  return collectives.ideal(abstract, setup.weights.shardings, dtypes, setup.mesh,
+                           gathers=gathers, batch_axes=parallel.batch_axes(setup.config.mesh.rules))
 
 
 def compile_sampler(setup: train_state.Setup) -> Compiled:
@@ -128,7 +115,7 @@ def compile_sampler(setup: train_state.Setup) -> Compiled:
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   params = setup.abstract_state["params"]
   jitted = jax.jit(sample, out_shardings=sharding)
-  return compile_program(jitted, params, noise, labels, key)
+  return compile_program(jitted, params, noise, labels, key, mesh=setup.mesh)
 
 
 def batch_unit(setup: train_state.Setup) -> int:

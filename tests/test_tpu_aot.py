@@ -79,7 +79,7 @@ def test_tiny_dit_compiles_for_two_hosts_and_shards_as_promised(devices, scan):
   assert compiled.ok, compiled.error
   assert s.mesh.shape["fsdp"] == 4
   assert_fsdp_holds(s, compiled)
-  gathered = compiled.collectives["all-gather"][2]
+  gathered = compiled.collectives["all-gather"].shapes
   assert gathered, "FSDP all-gathers the parameters"
   # No [B, tokens, ...] activation (nor B*tokens rows) is gathered; XLA may gather the [B, D]
   # conditioning vector for its weight gradients, which is 1/tokens of one.
@@ -126,5 +126,59 @@ def test_meanflow_all_reduces_each_weight_gradient_once(devices):
   assert compiled.ok, compiled.error
   assert s.mesh.shape["data"] == 4
   float32_bytes = _nbytes(s.model.abstract_net)
-  _, reduced, _ = compiled.collectives["all-reduce"]
+  reduced = compiled.collectives["all-reduce"].result_bytes
   assert 0.4 * float32_bytes < reduced < 0.75 * float32_bytes, (reduced, float32_bytes)
+
+
+def _meanflow_config(gather_weights):
+  config = _tiny_config()
+  config.model.size = "T"
+  config.model.compute_dtype = "bfloat16"
+  config.model.second_time_embedder = True
+  config.model.time_scale = 1.0
+  config.objective.name = "meanflow"
+  config.objective.schedule = "rectified_flow"
+  config.objective.meanflow.share_r_equals_t = 0.5
+  config.objective.meanflow.omega, config.objective.meanflow.kappa = 0.5, 0.3
+  config.sampling.method = "mean_flow"
+  config.mesh.gather_weights = gather_weights
+  return config
+
+
+@pytest.fixture(scope="module")
+def fsdp_meanflow(devices):
+  """MeanFlow's step on fsdp 4, its weights gathered once and per call: (setup, compiled) each."""
+  return {gather: aot.compile_train_step(_meanflow_config(gather), devices)
+          for gather in ("once", "per_call")}
+
+
+def test_an_fsdp_step_reduce_scatters_its_gradients(fsdp_meanflow):
+  """libtpu reduces an FSDP gradient in a fusion that all-reduces the full shape and slices the
+  chip's shard out: read as the chip runs it, every weight's gradient is reduce-scattered to a
+  shard-sized result, once, and no full-shape gradient is all-reduced."""
+  s, compiled = fsdp_meanflow["once"]
+  assert compiled.ok, compiled.error
+  net = jax.tree.leaves(s.model.abstract_net)
+  sharded = [x for x, sharding in zip(net, jax.tree.leaves(s.weights.shardings["net"]))
+             if "fsdp" in jax.tree.leaves(tuple(sharding.spec))]
+  full_shapes = {tuple(x.shape) for x in sharded}
+  shard_shapes = {tuple(d // 4 if d == max(x.shape) else d for d in x.shape) for x in sharded}
+  scattered = compiled.collectives["reduce-scatter"]
+  assert set(scattered.shapes) & shard_shapes, scattered.shapes
+  assert not set(scattered.shapes) & full_shapes
+  all_reduced = compiled.collectives.get("all-reduce")
+  assert not all_reduced or not set(all_reduced.shapes) & full_shapes, all_reduced.shapes
+  ideal = aot.ideal_collectives(s)
+  assert scattered.sent_bytes == pytest.approx(ideal["reduce-scatter"], rel=0.25)
+
+
+def test_meanflow_gathers_each_weight_once_per_step(fsdp_meanflow):
+  """MeanFlow's loss calls the network with gradient twice (and its JVP): gathered per call,
+  each weight crosses the ICI for every call's forward and backward; with
+  mesh.gather_weights = 'once' for one forward in all (half the ideal's forward + backward)."""
+  once_setup, once = fsdp_meanflow["once"]
+  _, per_call = fsdp_meanflow["per_call"]
+  assert once.ok and per_call.ok, (once.error, per_call.error)
+  one_gather = aot.ideal_collectives(once_setup)["all-gather"] / 2
+  assert once.collectives["all-gather"].sent_bytes < 1.25 * one_gather
+  assert per_call.collectives["all-gather"].sent_bytes > 1.5 * one_gather
