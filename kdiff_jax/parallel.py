@@ -22,10 +22,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdiff_jax.schema import Rule, number
+from kdiff_jax.schema import Rule, number, one_of
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_BATCH_AXES = ("data", "fsdp")
+# mesh.gather_weights: 'once' (`gathered_once`: each weight all-gathered once per step and held
+# through it) or 'per_call' (the compiler gathers where each network call uses a weight)
+GATHER_WEIGHTS = ("once", "per_call")
 
 
 def _axes_tuple(axes) -> tuple:
@@ -47,6 +50,7 @@ RULES = {
     "mesh.tensor": number(-1, integer=True, note="-1 = the remaining devices; not 0"),
     "mesh.dcn_data": number(1, integer=True, note="TPU slices the data axis spans"),
     "mesh.replicated_limit": number(0, integer=True),
+    "mesh.gather_weights": one_of(*GATHER_WEIGHTS),
     "mesh.rules": Rule(_is_rules, f"a tuple of (logical name, mesh axes) pairs, the axes None, "
                                   f"one of {list(MESH_AXES)} or a tuple of them"),
 }
@@ -219,6 +223,42 @@ def check_replicated(abstract_tree, shardings, mesh, limit: int) -> None:
         f"replicated on every device of the fsdp={mesh.shape['fsdp']} mesh: no dim divides by "
         f"it ({listed}). Split the mesh (e.g. mesh.data=2 with mesh.fsdp half as large), or "
         "raise mesh.replicated_limit to accept the copies")
+
+
+def without_axes(sharding: NamedSharding, axes) -> NamedSharding:
+  """`sharding` with the mesh axes `axes` taken out of its spec (those dims gathered)."""
+  def keep(entry):
+    kept = tuple(axis for axis in _axes_tuple(entry) if axis not in axes)
+    return None if not kept else (kept[0] if len(kept) == 1 else kept)
+  return NamedSharding(sharding.mesh, P(*(keep(entry) for entry in sharding.spec)))
+
+
+def gathered_once(tree, shardings, axes):
+  """`tree` (sharded as `shardings`) all-gathered over the mesh axes `axes`, once: the forward
+  is one all-gather per array whose copy every later use reads, the backward one reduce-scatter
+  of the summed cotangent back to `shardings`.
+
+  FSDP's weight traffic at the least (mesh.gather_weights = 'once'): a loss that calls the
+  network k times (MeanFlow's two gradient-carrying calls, TVM's, IMM's target pass) then
+  gathers each weight once per step instead of once per call for the forward and again for the
+  backward (and again under remat), and its gradients from every call are summed before one
+  reduce-scatter. The price is the gathered weights held in HBM through the step (the
+  compute-dtype copy of the weights, whole, per chip). The values are the same either way.
+  """
+  full = jax.tree.map(lambda sharding: without_axes(sharding, axes), shardings)
+
+  @jax.custom_vjp
+  def gather(tree):
+    return jax.lax.with_sharding_constraint(tree, full)
+
+  def forward(tree):
+    return gather(tree), None
+
+  def backward(_, cotangent):
+    return (jax.lax.with_sharding_constraint(cotangent, shardings),)
+
+  gather.defvjp(forward, backward)
+  return gather(tree)
 
 
 def batch_axes(rules) -> tuple:

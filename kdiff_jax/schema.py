@@ -211,6 +211,7 @@ def defaults() -> ml_collections.ConfigDict:
   mesh.tensor = 1
   mesh.dcn_data = 1               # TPU slices the data axis spans (over DCN); 1 = one slice
   mesh.replicated_limit = 1_000_000  # a parameter larger than this that fsdp > 1 cannot shard is an error
+  mesh.gather_weights = "once"    # once: the step all-gathers each weight once and holds it | per_call
   mesh.rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),

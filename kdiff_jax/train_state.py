@@ -138,13 +138,20 @@ def make_train_step(setup: Setup):
   decays = tuple(setup.config.training.ema_decays)
   objective, optimizer = setup.objective, setup.optimizer
   cast_once = not objective.full_precision_pass
+  gather_once = setup.config.mesh.gather_weights == "once"
+  net_shardings = setup.weights.shardings["net"]
+  batch_axes = parallel.batch_axes(setup.config.mesh.rules)
 
   def loss_fn(params, *args, **kwargs):
     """The objective's loss on the weights cast once to the compute dtype (state.compute_weights:
-    one gradient reduction per weight however often the loss calls the network)."""
+    one gradient reduction per weight however often the loss calls the network) and, with
+    mesh.gather_weights = 'once', gathered over the batch axes once (parallel.gathered_once)."""
+    net = params["net"]
     if cast_once:
-      params = dict(params, net=setup.model.compute_weights(params["net"]))
-    return objective.loss(params, *args, **kwargs)
+      net = setup.model.compute_weights(net)
+    if gather_once:
+      net = parallel.gathered_once(net, net_shardings, batch_axes)
+    return objective.loss(dict(params, net=net), *args, **kwargs)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
