@@ -21,6 +21,7 @@ A model with scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of sha
 that torch names, so both layouts give the same state_dict.
 Every direction is exact (transposes only): Flax -> torch -> Flax gives the same bits.
 """
+import types
 from typing import Callable, Iterable
 
 import jax
