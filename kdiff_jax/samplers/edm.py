@@ -75,7 +75,7 @@ def edm_heun(ctx, S_churn=0.0, S_tmin=0.0, S_tmax=float("inf"), S_noise=1.0):
       churn_noise = alpha_hat * np.sqrt(max(sigma_hat**2 - sigma_bar**2, 0.0)) * S_noise * ctx.noise_std
     phi = ctx.phi(t_hat, t_next)   # (alpha_{i+1}/alpha_hat, alpha_{i+1}·(sigma_bar_{i+1} - sigma_hat))
     step = Step(t=t_hat, s=t_next, alpha_hat_ratio=alpha_hat_ratio, churn_noise=churn_noise,
-                alpha_ratio=phi["alpha_ratio"], alpha_delta_eta=phi["alpha_delta_eta"])
+                alpha_ratio=phi.alpha_ratio, alpha_delta_eta=phi.alpha_delta_eta)
     steps.append((_BODIES[churn, not ctx.to_zero(t_next)], step, churn))
   return core.steps_to_plan(steps)
 
