@@ -31,7 +31,8 @@ from kdiff_jax.samplers import grids
 
 class Transfer(NamedTuple):
   """PNDM's transfer phi(x, e, t, s) = (alpha_s/alpha_t)·x + alpha_s·(eta_s - eta_t)·e (Liu et al.
-  2022's transfer part, in x_bar = x/alpha): an Euler step of d x_bar / d eta = e, DDIM driven by e."""
+  2022's transfer part, in x_bar = x/alpha): an Euler step of d x_bar / d eta = e, DDIM driven
+  by e."""
 
   alpha_ratio: float      # alpha_s/alpha_t
   alpha_delta_eta: float  # alpha_s·(eta_s - eta_t)
@@ -140,7 +141,8 @@ class Plan:
 
 
 def _stacked(rows) -> dict:
-  """{field: float64 array, one row per record} of equal records (a nested record field by field)."""
+  """{field: float64 array, one row per record} of equal records (a nested record field by
+  field)."""
   return {name: jax.tree.map(lambda *values: np.asarray(values, np.float64),
                              *(getattr(row, name) for row in rows))
           for name in rows[0]._fields}
@@ -231,3 +233,27 @@ def transfer_step(carry, c, key, denoise):
   _, e = denoise(x, c.t)
   return {"x": c.phi(x, e), "hist": push(carry["hist"], e)}
 
+
+# --- the few-step maps ---------------------------------------------------------------------------
+
+class MapStep(NamedTuple):
+  """A few-step sampler's step t -> s with a trained map (IMM's f_{s,t}, MeanFlow's average
+  velocity, TVM's terminal velocity)."""
+
+  t: float  # where the step starts
+  s: float  # where it lands, s < t
+
+
+def map_steps(times) -> list:
+  """[MapStep(t_i, t_{i+1}) for i = 0 .. N-1] of a decreasing float64 grid."""
+  times = np.asarray(times, np.float64)
+  if not np.all(np.diff(times) < 0):
+    raise ValueError(f"the time grid must decrease, got {times.tolist()}")
+  return [MapStep(t=t, s=s) for t, s in zip(times[:-1], times[1:])]
+
+
+def run_maps(step, x, times, *, scan=True):
+  """x at times[-1] from x = x at times[0]: x <- step(x, c) for c = MapStep(t_i, t_{i+1}) in x's
+  dtype, one lax.scan over the grid (so `jax.jit` compiles one step body however many steps)."""
+  the_plan = steps_to_plan([(step, c, False) for c in map_steps(times)])
+  return scan_plan(the_plan, x, None, x.dtype, lambda body, x, c, key: body(x, c), scan=scan)
