@@ -3,7 +3,7 @@
 On a decreasing grid t_0 = t_start > t_1 > ... > t_N = t_end (MeanFlow: linspace(1, 0, N + 1)),
 from z = noise at t_0, with the trained average velocity u:
 
-  z <- z - (t_i - t_{i+1})·u(z, t_i, r = t_{i+1}, y)          i = 0 .. N-1
+  z <- z - (t_i - t_{i+1})·u(z, t_i, h = t_i - t_{i+1}, y)          i = 0 .. N-1
 
 N model calls; N = 1 is one evaluation from noise to data. Guidance is trained into u, so there
 is no second pass. The steps run through core.run_maps, the runner of every few-step map.
