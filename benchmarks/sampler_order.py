@@ -39,9 +39,9 @@ METHODS = [("euler", {}), ("heun", {}), ("ddim", {}), ("s_pndm", {}), ("f_pndm",
 def _affine(body, c):
   """(a, b, c, d) of a stochastic step x' = a·x + b·x_hat + c·n_hat + d·z from its coefficients."""
   if body is ddim._ddim_noise_step:     # x' = alpha_s·x_hat + sigma_s_kept·n_hat + c_noise·z
-    return 0.0, c["alpha_s"], c["sigma_s_kept"], c["c_noise"]
+    return 0.0, c.alpha_s, c.sigma_s_kept, c.c_noise
   if body is sde._euler_maruyama_step:  # x' = x + dt·(f·x - 2·sigma·lambda_dot·n_hat) + sqrt_dt_g·z
-    return 1.0 + c["dt"] * c["f"], 0.0, -2.0 * c["dt"] * c["sigma"] * c["lambda_dot"], c["sqrt_dt_g"]
+    return 1.0 + c.dt * c.f, 0.0, -2.0 * c.dt * c.sigma * c.lambda_dot, c.sqrt_dt_g
   raise ValueError(f"no affine form for the step {body.__name__}")
 
 
@@ -52,9 +52,9 @@ def exact_law(the_plan, schedule, t_start, mu, s, noise_std=1.0):
   mean, var = alpha * mu, alpha**2 * s**2 + schedule.sigma(t_start) ** 2 * noise_std**2
   for phase in the_plan.phases:
     for i in range(phase.length):
-      coefs = {name: value[i] for name, value in phase.coefs.items()}
+      coefs = phase.step_coefs(jax.tree.map(lambda value, i=i: value[i], phase.coefs))
       a, b, c, d = _affine(phase.body, coefs)
-      alpha, sigma = schedule.alpha(coefs["t"]), schedule.sigma(coefs["t"])
+      alpha, sigma = schedule.alpha(coefs.t), schedule.sigma(coefs.t)
       cc = alpha**2 * s**2 + sigma**2 * noise_std**2
       slope = a + b * alpha * s**2 / cc + c * sigma * noise_std**2 / cc
       offset = b * (mu - alpha * s**2 / cc * alpha * mu) - c * sigma * noise_std**2 / cc * alpha * mu

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kdiff_jax import console
 from kdiff_jax.data import latents, tfds_pipeline
+from kdiff_jax.export import weight_files
 from kdiff_jax.models import vae
 
 
@@ -74,7 +75,7 @@ def encode_tfds(config) -> str:
   if not data.latents_path or not data.vae_path:
     raise ValueError("--mode=encode_latents needs data.latents_path (output directory) and "
                      f"data.vae_path; got {data.latents_path!r} and {data.vae_path!r}.")
-  graphdef, params, arch = vae.load(data.vae_path)
+  graphdef, params, arch = weight_files.vae(data.vae_path)
   if data.channels != arch["latent_channels"]:
     raise ValueError(f"data.channels = {data.channels} but the VAE at {data.vae_path!r} has "
                      f"{arch['latent_channels']} latent channels.")

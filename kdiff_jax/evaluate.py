@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kdiff_jax import actions, console, data, images, parallel, sampling, state, viewing
 from kdiff_jax.data import latents
-from kdiff_jax.models import inception, vae
+from kdiff_jax.export import weight_files
 
 K_NEAREST = 3
 IS_SPLITS = 10
@@ -169,8 +169,9 @@ class Evaluator:
     if not config.eval.inception_path:
       raise ValueError(
           "eval.inception_path is empty: download pytorch-fid's pt_inception-2015-12-05-"
-          "6726825d.pth (see kdiff_jax/models/inception.py) and point eval.inception_path at it.")
-    graphdef, params = inception.load(config.eval.inception_path)
+          "6726825d.pth (see kdiff_jax/export/weight_files.py) and point eval.inception_path at "
+          "it.")
+    graphdef, params = weight_files.inception(config.eval.inception_path)
     self.inception_params = _replicated(params, mesh)
     self._inception = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x),
                               out_shardings=(self.sharding, self.sharding))
@@ -179,7 +180,7 @@ class Evaluator:
     if config.data.name == "latents":
       if not config.data.vae_path:
         raise ValueError("Sample metrics of a latent model need data.vae_path (the VAE decoder).")
-      vae_graphdef, vae_params, _ = vae.load(config.data.vae_path)
+      vae_graphdef, vae_params, _ = weight_files.vae(config.data.vae_path)
       self.vae_params = _replicated(vae_params, mesh)
     shape = (self.batch_size, config.data.image_size, config.data.image_size,
              config.data.channels)

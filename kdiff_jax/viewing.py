@@ -7,7 +7,7 @@ never imports the VAE.
 import numpy as np
 
 from kdiff_jax.data import latents
-from kdiff_jax.models import vae
+from kdiff_jax.export import weight_files
 
 
 def viewable(config, samples) -> np.ndarray:
@@ -22,5 +22,5 @@ def viewable(config, samples) -> np.ndarray:
     return samples
   if not config.data.vae_path:
     return samples[..., :3]
-  decode, params = vae.decoder(config.data.vae_path)
+  decode, params = weight_files.vae_decoder(config.data.vae_path)
   return np.asarray(decode(params, latents.unnormalize(samples, config.data)))

@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs.default import get_config
 from kdiff_jax import config as config_lib, models
+from kdiff_jax.export import convert
 from kdiff_jax.models import dit, layers
 from tests import references
 
@@ -125,7 +126,7 @@ def test_zero_output_and_identity_blocks_at_init():
 def test_initialisation_matches_dit():
   params = _flat_params(_tiny())
   for path, v in params.items():
-    name = dit.torch_name(path)
+    name = convert.torch_name(path)
     v = np.asarray(v)
     if path[-1] == "bias" or "adaLN_modulation" in name or name.startswith("final_layer"):
       assert np.all(v == 0), name
@@ -157,7 +158,7 @@ def test_2d_sincos_pos_embed_formula():
                                     np.sin(row * omega), np.cos(row * omega)])
   assert got.shape == (16, 64) and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, atol=1e-6)
-  assert not any("pos_embed" in dit.torch_name(p) for p in _flat_params(_tiny()))
+  assert not any("pos_embed" in convert.torch_name(p) for p in _flat_params(_tiny()))
 
 
 def test_timestep_embedding_formula():
@@ -212,12 +213,12 @@ def _expected_torch_keys(depth, s_embedder=False):
 
 @pytest.mark.parametrize("second", [False, True])
 def test_torch_names(second):
-  names = [dit.torch_name(p) for p in _flat_params(_tiny(second_time_embedder=second))]
+  names = [convert.torch_name(p) for p in _flat_params(_tiny(second_time_embedder=second))]
   expected = _expected_torch_keys(2, second)
   assert len(names) == len(set(names)) == len(expected)
   assert set(names) == set(expected)
-  assert dit.torch_name(("blocks", 3, "attn", "qkv", "kernel")) == "blocks.3.attn.qkv.weight"
-  assert (dit.torch_name(("y_embedder", "embedding_table", "embedding"))
+  assert convert.torch_name(("blocks", 3, "attn", "qkv", "kernel")) == "blocks.3.attn.qkv.weight"
+  assert (convert.torch_name(("y_embedder", "embedding_table", "embedding"))
           == "y_embedder.embedding_table.weight")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kdiff_jax import evaluate, images
-from kdiff_jax.models import inception
+from kdiff_jax.export import weight_files
 
 # pytest-xdist runs the tests that share the digits demo on one worker.
 pytestmark = pytest.mark.xdist_group("digits_fm")
@@ -25,7 +25,7 @@ def random_inception(tmp_path_factory):
   directory = tmp_path_factory.mktemp("inception")
   pth, npz = str(directory / "random_inception.pth"), str(directory / "random_inception.npz")
   torch.save(model.state_dict(), pth)
-  inception.convert(pth, npz)
+  weight_files.inception_npz(pth, npz)
   return model, pth, npz
 
 
@@ -36,7 +36,7 @@ def test_flax_inception_matches_the_torch_fid_inception(random_inception):
   batch = rng.integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)  # resized to 299 x 299
   with torch.no_grad():
     features_ref, logits_ref = model(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255)
-  graphdef, params = inception.load(pth)
+  graphdef, params = weight_files.inception(pth)
   features, logits = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, batch)
   feature_error = np.abs(np.asarray(features) - features_ref.numpy()).max()
   logit_error = np.abs(np.asarray(logits) - logits_ref.numpy()).max()
@@ -46,7 +46,7 @@ def test_flax_inception_matches_the_torch_fid_inception(random_inception):
   assert feature_error <= 1e-4 and logit_error <= 1e-4
   assert features_ref.std() > 0.1  # the random weights keep the features informative
 
-  _, from_npz = inception.load(npz)  # the torch-free format holds the same tensors
+  _, from_npz = weight_files.inception(npz)  # the torch-free format holds the same tensors
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(from_npz)):
     np.testing.assert_array_equal(a, b)
 

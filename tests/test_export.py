@@ -14,8 +14,8 @@ from flax import nnx
 
 from configs import default, imm_digits, meanflow_digits
 from kdiff_jax import checkpoint, models, objectives, parallel, sampling, schedules, state, train
-from kdiff_jax.export import checkpoints, convert
-from kdiff_jax.models import dit, jit, torch_weights
+from kdiff_jax.export import checkpoints, convert, weight_files
+from kdiff_jax.models import dit, jit
 from kdiff_jax.objectives import imm
 from tests.conftest import xla_flags
 
@@ -302,7 +302,7 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_load, torch_sa
     assert {k: v.shape for k, v in state_dict.items()} == shapes
   safetensors = load_file(str(tmp_path / "step1500.safetensors"))
   assert all(np.array_equal(safetensors[k], pt["ema"][k].numpy()) for k in shapes)
-  read = torch_weights.read_state_dict(str(tmp_path / "step1500.pt"))  # {model, ema} -> ema
+  read = weight_files.read_state_dict(str(tmp_path / "step1500.pt"))  # {model, ema} -> ema
   assert sorted(read) == sorted(shapes)
   assert all(np.array_equal(read[k], pt["ema"][k].numpy()) for k in shapes)
   assert not np.array_equal(pt["ema"]["blocks.0.attn.qkv.weight"],
@@ -343,7 +343,7 @@ def test_import_learned_sigma_dit_into_a_workdir(torch_dit, tmp_path):
   path = str(tmp_path / "DiT-T-2.pt")
   torch.save(module.state_dict(), path)
 
-  state_dict = torch_weights.read_state_dict(path)
+  state_dict = weight_files.read_state_dict(path)
   with pytest.raises(ValueError, match="learn_sigma=True"):
     checkpoints.import_state_dict(state_dict, config)
   net = checkpoints.import_state_dict(state_dict, config, drop_learned_sigma=True)

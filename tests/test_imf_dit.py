@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from kdiff_jax import parallel
-from kdiff_jax.export import torch_imf_dit
+from kdiff_jax.export import convert, torch_imf_dit
 from kdiff_jax.models import imf_dit, layers
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=3, num_heads=2,
@@ -193,7 +193,7 @@ def test_scan_matches_unrolled(remat="dots"):
   unrolled = _model(remat=remat)
   scanned = imf_dit.ImfDiT(**TINY, remat=remat, scan_blocks=True, rngs=nnx.Rngs(2))
   state = nnx.state(scanned, nnx.Param)
-  nnx.replace_by_pure_dict(state, imf_dit.stacked(_pure(unrolled)))
+  nnx.replace_by_pure_dict(state, convert.stacked(_pure(unrolled), imf_dit.STACKS))
   nnx.update(scanned, state)
   assert _pure(scanned)["shared_blocks"]["attn"]["q_proj"]["kernel"].shape[0] == 2
   assert _pure(scanned)["u_heads"]["mlp"]["w1"]["kernel"].shape[0] == 1
@@ -214,11 +214,11 @@ def test_scan_matches_unrolled(remat="dots"):
   (u2, v2), g2 = value_and_grad(scanned)
   np.testing.assert_allclose(u2, u1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v2, v1, rtol=1e-5, atol=1e-6)
-  g1 = imf_dit.stacked(g1)
+  g1 = convert.stacked(g1, imf_dit.STACKS)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   # Both layouts export the same torch state_dict.
-  torch1, torch2 = imf_dit.to_torch(_pure(unrolled)), imf_dit.to_torch(_pure(scanned))
+  torch1, torch2 = convert.imf_dit_to_torch(_pure(unrolled)), convert.imf_dit_to_torch(_pure(scanned))
   assert torch1.keys() == torch2.keys()
   assert all(np.array_equal(torch1[k], torch2[k]) for k in torch1)
 
@@ -258,7 +258,7 @@ def test_one_device_equals_eight_sharded():
 
 def _torch_twin(model):
   twin = torch_imf_dit.ImfDiT(**{k: v for k, v in TINY.items()})
-  state = {k: torch.from_numpy(v) for k, v in imf_dit.to_torch(_pure(model)).items()}
+  state = {k: torch.from_numpy(v) for k, v in convert.imf_dit_to_torch(_pure(model)).items()}
   twin.load_state_dict(state, strict=True)
   return twin.eval()
 
@@ -266,7 +266,7 @@ def _torch_twin(model):
 def test_torch_twin_loads_strictly_and_matches():
   model = _model()
   twin = _torch_twin(model)
-  assert set(twin.state_dict()) == set(imf_dit.to_torch(_pure(model)))
+  assert set(twin.state_dict()) == set(convert.imf_dit_to_torch(_pure(model)))
   x, y, h, omega, interval = _inputs()
   u, v = _apply(model, x, y, h, omega, interval)
   nchw = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2)

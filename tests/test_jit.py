@@ -9,7 +9,8 @@ from flax import nnx
 
 from configs.default import get_config
 from kdiff_jax import config as config_lib, models
-from kdiff_jax.models import dit, jit, layers
+from kdiff_jax.export import convert
+from kdiff_jax.models import jit, layers
 from tests import references
 
 TINY = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=3, num_heads=2,
@@ -108,7 +109,7 @@ def test_zero_output_at_init_and_jit_initialisation():
   assert np.all(np.asarray(_call(model, x, t, y)) == 0.0)
   params = _flat_params(model)
   for path, v in params.items():
-    name, v = dit.torch_name(path), np.asarray(v)
+    name, v = convert.torch_name(path), np.asarray(v)
     if path[-1] == "bias" or "adaLN_modulation" in name or name.startswith("final_layer.linear"):
       assert np.all(v == 0), name
     if path[-1] == "scale":
@@ -161,7 +162,7 @@ def test_an_unconditional_jit_is_the_conditional_one_with_a_zero_label_table():
 # --- names, axes, config ----------------------------------------------------------------------
 
 def test_torch_names_are_jits():
-  names = {dit.torch_name(p) for p in _flat_params(_tiny())}
+  names = {convert.torch_name(p) for p in _flat_params(_tiny())}
   expected = {"in_context_posemb", "x_embedder.proj1.weight", "x_embedder.proj2.weight",
               "x_embedder.proj2.bias", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
               "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",

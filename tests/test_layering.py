@@ -1,5 +1,5 @@
 """The package's shape, read from its source (an AST walk, nothing imported): no import circle,
-no import of configs/, objectives that know no sampler, models that know no data, and a
+no import of configs/, objectives that know no sampler, models that know no data nor torch, and a
 training loop whose whole import closure (what it imports, and what that imports, ...) holds
 neither the evaluator, the VAE nor Inception."""
 import ast
@@ -21,25 +21,31 @@ def _exists(module: str) -> bool:
   return os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))
 
 
+def _imports(path: str) -> set:
+  """Every module a source file imports (any import, at any depth, third-party ones included)."""
+  imported = set()
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:  # `from package import submodule` imports the submodule
+        submodule = f"{node.module}.{alias.name}"
+        imported.add(submodule if _exists(submodule) else node.module)
+  return imported
+
+
+def _sources():
+  for directory, _, files in os.walk(PACKAGE):
+    yield from (os.path.join(directory, file) for file in files if file.endswith(".py"))
+
+
 def import_graph() -> dict:
   """{module: set of the kdiff_jax / configs modules it imports} (any import, at any depth)."""
   graph = {}
-  for directory, _, files in os.walk(PACKAGE):
-    for file in files:
-      if not file.endswith(".py"):
-        continue
-      path = os.path.join(directory, file)
-      module = _module_name(path)
-      imported = set()
-      for node in ast.walk(ast.parse(open(path).read(), path)):
-        if isinstance(node, ast.Import):
-          imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-          for alias in node.names:  # `from package import submodule` imports the submodule
-            submodule = f"{node.module}.{alias.name}"
-            imported.add(submodule if _exists(submodule) else node.module)
-      graph[module] = {name for name in imported
-                       if name.split(".")[0] in ("kdiff_jax", "configs") and name != module}
+  for path in _sources():
+    module = _module_name(path)
+    graph[module] = {name for name in _imports(path)
+                     if name.split(".")[0] in ("kdiff_jax", "configs") and name != module}
   return graph
 
 
@@ -117,6 +123,21 @@ def test_no_import_circle():
 ], ids=["configs", "objectives-samplers", "objectives-sampling", "models-data", "models-only"])
 def test_layering(rule, violations):
   assert _importers(violations) == [], rule
+
+
+def test_models_know_no_torch():
+  """models/ are Flax networks only: no torch, no torch file format, and no torch names (every
+  network's torch names and layouts live in export/convert.py, weight files in
+  export/weight_files.py)."""
+  torch_related = sorted(f"{_module_name(path)} -> {name}" for path in _sources()
+                         if _module_name(path).startswith("kdiff_jax.models")
+                         for name in _imports(path)
+                         if name.split(".")[0] in ("torch", "safetensors") or "torch" in name)
+  assert torch_related == []
+  sources = [open(path).read() for path in _sources()
+             if _module_name(path).startswith("kdiff_jax.models")]
+  assert not [name for name in ("def torch_name", "def to_torch", "def from_torch", "TORCH_LEAF")
+              if any(name in source for source in sources)]
 
 
 EVALUATORS = ("kdiff_jax.evaluate", "kdiff_jax.models.vae", "kdiff_jax.models.inception")

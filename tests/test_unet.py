@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import imm_cifar10, imm_cifar10_dit
 from kdiff_jax import config as config_lib, data, parallel, state, train
-from kdiff_jax.export import checkpoints
+from kdiff_jax.export import checkpoints, convert
 from kdiff_jax.models import unet
 
 # Two levels (16x16, 8x8), attention at 16x16 (encoder blocks, the last decoder block) and in the
@@ -91,7 +91,7 @@ def test_flax_matches_the_torch_twin_and_round_trips(torch_unet):
   import torch
   module = _random_twin(torch_unet)
   state_dict = {key: value.numpy() for key, value in module.state_dict().items()}
-  graphdef, params = unet.from_torch(state_dict, lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(0)))
+  graphdef, params = convert.unet_from_torch(state_dict, lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(0)))
   assert sum(p.numel() for p in module.parameters()) == sum(v.size for v in jax.tree.leaves(params))
 
   rng = np.random.default_rng(0)
@@ -109,18 +109,18 @@ def test_flax_matches_the_torch_twin_and_round_trips(torch_unet):
   assert np.std(expected) > 0.1 and error <= 1e-5
 
   # flax -> torch names and layout -> a strict torch load -> flax: the same bits both ways.
-  exported = unet.to_torch(params)
+  exported = convert.unet_to_torch(params)
   assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in state_dict.items()}
   assert all(np.array_equal(exported[k], state_dict[k]) for k in state_dict)
   module.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
-  _, imported = unet.from_torch({k: v.numpy() for k, v in module.state_dict().items()},
+  _, imported = convert.unet_from_torch({k: v.numpy() for k, v in module.state_dict().items()},
                                 lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(1)))
   flat, flat_imported = (jax.tree_util.tree_flatten_with_path(tree) for tree in (params, imported))
   assert flat[1] == flat_imported[1]
   for (path, value), (_, value_imported) in zip(flat[0], flat_imported[0]):
     assert np.array_equal(value, value_imported), jax.tree_util.keystr(path)
   with pytest.raises(ValueError, match="resample filter"):
-    unet.from_torch({**state_dict, "enc.8x8_down.conv0.resample_filter": np.ones((1, 1, 2, 2))},
+    convert.unet_from_torch({**state_dict, "enc.8x8_down.conv0.resample_filter": np.ones((1, 1, 2, 2))},
                     lambda: unet.SongUNet(**TINY, rngs=nnx.Rngs(0)))
 
 
@@ -133,7 +133,7 @@ def test_export_spec_builds_the_torch_twin_of_the_config(torch_load, torch_unet)
   assert spec["num_classes"] == 0 and spec["second_time_embedder"] and spec["dropout"] == 0.2
   module = torch_load.build(spec)
   abstract = state.build_model(config).abstract_net
-  exported = unet.to_torch(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract))
+  exported = convert.unet_to_torch(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract))
   assert ({k: tuple(v.shape) for k, v in module.state_dict().items()}
           == {k: v.shape for k, v in exported.items()})
   import torch

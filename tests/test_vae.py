@@ -6,6 +6,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from kdiff_jax import viewing  # noqa: E402
+from kdiff_jax.export import weight_files  # noqa: E402
 from kdiff_jax.models import vae  # noqa: E402
 
 # pytest-xdist runs the tests that share this module's fixtures on one worker.
@@ -46,7 +47,7 @@ def small_vae(tmp_path_factory):
 def test_flax_vae_matches_diffusers(small_vae):
   from flax import nnx
   directory, reference = small_vae
-  graphdef, params, arch = vae.load(str(directory))
+  graphdef, params, arch = weight_files.vae(str(directory))
   assert arch["block_out_channels"] == (16, 32, 32) and vae.downsampling_factor(arch) == 4
   import jax
   encode = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode(x))
@@ -84,8 +85,8 @@ def test_legacy_attention_names_and_bare_safetensors(small_vae, tmp_path):
   (tmp_path / "legacy").mkdir()
   save_file(legacy, str(tmp_path / "legacy" / vae.WEIGHTS_FILE))
   (tmp_path / "legacy" / "config.json").write_text((directory / "config.json").read_text())
-  _, params, _ = vae.load(str(tmp_path / "legacy"))
-  _, expected, _ = vae.load(str(directory))
+  _, params, _ = weight_files.vae(str(tmp_path / "legacy"))
+  _, expected, _ = weight_files.vae(str(directory))
   import jax
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
@@ -94,9 +95,9 @@ def test_legacy_attention_names_and_bare_safetensors(small_vae, tmp_path):
   save_file(state, str(bare))
   assert vae.architecture(str(bare)) == vae.SD_VAE
   with pytest.raises(ValueError, match="has shape"):
-    vae.load(str(bare))  # small weights, SD-VAE architecture
+    weight_files.vae(str(bare))  # small weights, SD-VAE architecture
   with pytest.raises(FileNotFoundError, match="sd-vae-ft-ema"):
-    vae.load(str(tmp_path / "missing"))
+    weight_files.vae(str(tmp_path / "missing"))
 
 
 def test_viewable_unnormalizes_then_decodes(small_vae):

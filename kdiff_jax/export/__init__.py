@@ -1,7 +1,10 @@
 """PyTorch export and import.
 
-JAX side (imports torch only to write .pt):
-  convert.py         Flax params <-> torch state_dict (names and transposes), NumPy only
+JAX side (imports torch only to write .pt and read .pth):
+  convert.py         Flax params <-> torch state_dict, every network's names and transposes (DiT,
+                     JiT, SongUNet, iMF's DiT; any network by its torch names), NumPy only
+  weight_files.py    PyTorch weight files (.safetensors, .npz, .pth) read; the SD-VAE's and FID
+                     Inception's released weights loaded into models/vae.py and inception.py
   checkpoints.py     checkpoint -> .safetensors / .pt / .json; DiT-format state_dict -> Flax params
                      or a step-0 checkpoint to fine-tune
   pretrained.py, pickles.py  released checkpoints (DiT, IMM) read into our layout
@@ -11,6 +14,7 @@ Torch side (torch, numpy and safetensors; needs no JAX), one twin per network of
   torch_dit.py       the twin of models/dit.py (DiT, its adaLN-Zero block and final layer)
   torch_jit.py       the twin of models/jit.py (JiT)
   torch_unet.py      the twin of models/unet.py (SongUNet, EDM's names)
+  torch_imf_dit.py   the twin of models/imf_dit.py (iMF's in-context DiT and its sampler)
   torch_sampling.py  the torch schedule, to_x_eps and the exported samplers (flow ODE, IMM)
   torch_load.py      build / load an export's module from its JSON and .safetensors
 

@@ -86,11 +86,11 @@ def pos_embed(config) -> np.ndarray:
 
 
 def net_to_torch(config, net_params) -> dict:
-  """The torch state_dict of config's network (DiT / JiT: convert.to_torch; U-Net: unet.to_torch)."""
+  """The torch state_dict of config's network (convert.to_torch, unet_to_torch, imf_dit_to_torch)."""
   if config.model.name == "unet":
-    return unet.to_torch(net_params)
+    return convert.unet_to_torch(net_params)
   if config.model.name == "imf_dit":
-    return imf_dit.to_torch(net_params)
+    return convert.imf_dit_to_torch(net_params)
   return convert.to_torch(net_params, pos_embed(config))
 
 
@@ -218,7 +218,7 @@ def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -
   model_spec(config)
   state_dict = pretrained.network_state_dict(state_dict, config.data.num_classes)
   if config.model.name == "unet":
-    return unet.from_torch(state_dict, lambda: models.build(config, nnx.Rngs(0)))[1]
+    return convert.unet_from_torch(state_dict, lambda: models.build(config, nnx.Rngs(0)))[1]
   return convert.from_torch(state_dict, state.build_model(config).abstract_net, pos_embed(config),
                             drop_learned_sigma=drop_learned_sigma)
 

@@ -1,28 +1,61 @@
-"""Flax <-> PyTorch state_dict conversion, in NumPy (no torch import here).
+"""Flax <-> PyTorch state_dicts, in NumPy (no torch import here): the one home of every network's
+torch names and layouts.
 
-The Flax DiT and JiT keep the attribute names of facebookresearch/DiT `models.py` and LTH14/JiT
-`model_jit.py`, so a parameter's torch key is `dit.torch_name(path)` and its value a transpose:
+Our networks keep the attribute names of their torch originals (facebookresearch/DiT `models.py`,
+LTH14/JiT `model_jit.py`, NVlabs/edm's SongUNet, the official iMF DiT, diffusers' AutoencoderKL,
+torchvision's Inception3), so a parameter's torch key is `torch_name(path)` and its value a
+transpose:
 
   Linear kernel [in, out]            -> weight [out, in]              kernel.T
   Conv kernel [kh, kw, C_in, C_out]  -> weight [C_out, C_in, kh, kw]  kernel.transpose(3, 2, 0, 1)
-  bias, Embed table, norm scale, JiT's in_context_posemb             as is
+  bias, Embed table, norm scale, a module's own parameter             as is
 
-torch's state_dict also holds the fixed sin-cos `pos_embed` [1, T, D] (DiT and JiT keep it as a
-frozen nn.Parameter; here it is the model's numpy constant `model.pos_embed()` [T, D]).
-A model with model.scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of shape
-[depth, ...]); `per_block` and `stacked` convert to and from the per-block layout
-(blocks/3/attn/qkv/kernel) that torch names, so both layouts give the same state_dict.
-Both directions are exact (transposes only): Flax -> torch -> Flax gives the same bits.
+Per network: DiT / JiT (`to_torch`, `from_torch`): torch's state_dict also holds the fixed
+sin-cos `pos_embed` [1, T, D] (DiT and JiT keep it as a frozen nn.Parameter; here it is the
+model's numpy constant `model.pos_embed()` [T, D]). SongUNet (`unet_to_torch`, `unet_from_torch`):
+EDM's persistent `resample_filter` buffers. iMF's DiT (`imf_dit_to_torch`): the condition tokens,
+attn_scale and mlp_scale keep their names. Any network from a torch state_dict by its names:
+`load`.
+A model with scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of shape [depth, ...]);
+`per_block` and `stacked` convert to and from the per-block layout (blocks/3/attn/qkv/kernel)
+that torch names, so both layouts give the same state_dict.
+Every direction is exact (transposes only): Flax -> torch -> Flax gives the same bits.
 """
 import types
+from typing import Callable, Iterable
 
+import jax
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
-from kdiff_jax.models import dit
+from kdiff_jax.models import imf_dit, unet
 
 POS_EMBED = "pos_embed"
 FINAL_LINEAR = ("final_layer.linear.weight", "final_layer.linear.bias")
+# nnx leaf name -> torch parameter / buffer name.
+TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight",
+              "mean": "running_mean", "var": "running_var"}
+# iMF's DiT: the parameters a module holds itself (torch keeps their names).
+IMF_DIT_OWN = {"attn_scale", "mlp_scale"} | {name for name, _ in imf_dit.TOKEN_GROUPS}
+
+
+def torch_name(path, own=()) -> str:
+  """Flattened nnx param path -> torch state_dict key.
+
+  The rule: join the path with '.', except that the leaf is renamed kernel -> weight, bias -> bias,
+  an nnx.Embed's 'embedding' -> 'weight', a norm's 'scale' -> 'weight', a BatchNorm's
+  'mean' / 'var' -> 'running_mean' / 'running_var' (replacing it); a parameter held directly by
+  the model (JiT's 'in_context_posemb') or named in `own` keeps its name. Examples:
+  ('blocks', 3, 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
+  ('y_embedder', 'embedding_table', 'embedding') -> 'y_embedder.embedding_table.weight';
+  ('shared_blocks', 2, 'mlp_scale') with own={'mlp_scale'} -> 'shared_blocks.2.mlp_scale'.
+  """
+  *module, leaf = (getattr(p, "key", getattr(p, "idx", p)) for p in path)
+  if module and leaf not in own:
+    if leaf not in TORCH_LEAF:
+      raise ValueError(f"no torch name for parameter path {tuple(path)}")
+    leaf = TORCH_LEAF[leaf]
+  return ".".join(str(p) for p in module + [leaf])
 
 
 def _leaf(path) -> str:
@@ -40,41 +73,54 @@ def _permutation(path, ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim))
 
 
-def _is_stacked(net_params) -> bool:
-  blocks = net_params.get("blocks")
+def _state_dict(net_params, own=()) -> dict[str, np.ndarray]:
+  """{torch_name: new C-contiguous float32 array in torch's layout} of flax params (a pure dict,
+  per block)."""
+  state = {}
+  for path, value in traverse_util.flatten_dict(net_params).items():
+    value = np.asarray(value, np.float32)
+    state[torch_name(path, own)] = np.array(value.transpose(_permutation(path, value.ndim)),
+                                            order="C")
+  return state
+
+
+def _is_stacked(blocks) -> bool:
   return isinstance(blocks, dict) and not all(isinstance(key, int) for key in blocks)
 
 
-def per_block(net_params, take=lambda value, i: value[i]):
-  """Net params with stacked blocks ([depth, ...] leaves) in the per-block layout {i: ...};
-  take(leaf, i) picks block i of a leaf."""
-  if not _is_stacked(net_params):
-    return net_params
-  flat = traverse_util.flatten_dict(net_params["blocks"])
-  depth = next(iter(flat.values())).shape[0]
-  return {**net_params, "blocks": {i: traverse_util.unflatten_dict(
-      {path: take(value, i) for path, value in flat.items()}) for i in range(depth)}}
+def per_block(net_params, take=lambda value, i: value[i], stacks=("blocks",)):
+  """Net params with every stack of blocks (DiT's 'blocks'; iMF's imf_dit.STACKS) held stacked
+  ([depth, ...] leaves) in the per-block layout {i: ...}; take(leaf, i) picks block i of a leaf."""
+  out = dict(net_params)
+  for name in stacks:
+    if _is_stacked(net_params.get(name)):
+      flat = traverse_util.flatten_dict(net_params[name])
+      depth = next(iter(flat.values())).shape[0]
+      out[name] = {i: traverse_util.unflatten_dict(
+          {path: take(value, i) for path, value in flat.items()}) for i in range(depth)}
+  return out
 
 
-def stacked(net_params):
-  """The inverse of `per_block`: per-block params {i: ...} with the blocks stacked."""
-  flats = [traverse_util.flatten_dict(net_params["blocks"][i])
-           for i in range(len(net_params["blocks"]))]
-  return {**net_params, "blocks": traverse_util.unflatten_dict(
-      {path: np.stack([flat[path] for flat in flats]) for path in flats[0]})}
+def stacked(net_params, stacks=("blocks",)):
+  """The inverse of `per_block`: every stack's per-block params {i: ...} stacked along a leading
+  axis."""
+  out = dict(net_params)
+  for name in stacks:
+    flats = [traverse_util.flatten_dict(net_params[name][i]) for i in range(len(net_params[name]))]
+    out[name] = traverse_util.unflatten_dict(
+        {path: np.stack([np.asarray(flat[path]) for flat in flats]) for path in flats[0]})
+  return out
 
+
+# --- DiT and JiT ----------------------------------------------------------------------------------
 
 def to_torch(net_params, pos_embed) -> dict[str, np.ndarray]:
-  """The torch state_dict (name -> new C-contiguous float32 array) of Flax net params (a pure dict,
-  blocks per block or stacked).
+  """The torch DiT / JiT state_dict (name -> new C-contiguous float32 array) of Flax net params (a
+  pure dict, blocks per block or stacked).
 
   pos_embed: the model's fixed [T, D] position embedding (`model.pos_embed()`).
   """
-  state = {}
-  for path, value in traverse_util.flatten_dict(per_block(net_params)).items():
-    value = np.asarray(value, np.float32)
-    state[dit.torch_name(path)] = np.array(value.transpose(_permutation(path, value.ndim)),
-                                           order="C")
+  state = _state_dict(per_block(net_params))
   state[POS_EMBED] = np.array(pos_embed, np.float32)[None]
   return state
 
@@ -100,12 +146,12 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
   unless drop_learned_sigma=True, which keeps the first C channels (the ε mean).
   """
   state = {name: np.asarray(value) for name, value in state_dict.items()}
-  if _is_stacked(abstract_net):
+  if _is_stacked(abstract_net.get("blocks")):
     one_block = lambda leaf, i: types.SimpleNamespace(shape=leaf.shape[1:])  # shapes only
     return stacked(from_torch(state, per_block(abstract_net, take=one_block), pos_embed,
                               drop_learned_sigma=drop_learned_sigma))
   abstract = traverse_util.flatten_dict(abstract_net)
-  names = {dit.torch_name(path): path for path in abstract}
+  names = {torch_name(path): path for path in abstract}
   missing = sorted(set(names) - set(state))
   unexpected = sorted(set(state) - set(names) - {POS_EMBED})
   if missing or unexpected or POS_EMBED not in state:
@@ -120,7 +166,7 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
                      f"embedding {expected_pos.shape}: a different input size, patch or width")
 
   channels = next(abstract[path].shape[2] for path in abstract
-                  if dit.torch_name(path).startswith("x_embedder.")
+                  if torch_name(path).startswith("x_embedder.")
                   and len(abstract[path].shape) == 4)
   params = {}
   for name, path in names.items():
@@ -138,3 +184,87 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
       raise ValueError(f"{name}: shape {value.shape}, this model expects {expected}")
     params[path] = np.array(value.transpose(np.argsort(permutation)), order="C")
   return traverse_util.unflatten_dict(params)
+
+
+# --- SongUNet (EDM's and IMM's; export/torch_unet.SongUNet) ---------------------------------------
+
+def unet_to_torch(net_params) -> dict[str, np.ndarray]:
+  """EDM's SongUNet state_dict (IMMPrecond's without the 'model.' prefix) of flax net params (a
+  pure dict): torch names, kernels transposed, and EDM's persistent resample_filter buffers of
+  conv0 and skip in every 'RxR_down' / 'RxR_up' block; C-contiguous float32 arrays."""
+  state = _state_dict(net_params)
+  for section in ("enc", "dec"):
+    for name in net_params[section]:
+      if name.endswith(("_down", "_up")):
+        for layer in ("conv0", "skip"):
+          state[f"{section}.{name}.{layer}.resample_filter"] = unet.resample_filter()[None, None]
+  return state
+
+
+def unet_from_torch(state_dict, build):
+  """(graphdef, flax net params) of `build()` (a SongUNet) from an EDM / IMM SongUNet state_dict,
+  whose resample_filter buffers must hold this model's filter (`load` checks the rest: every
+  parameter present, with its shape, and nothing left over)."""
+  buffers = [key for key in state_dict if key.endswith(".resample_filter")]
+  filter_ = unet.resample_filter().reshape(-1)
+  for key in buffers:
+    if not np.array_equal(np.asarray(state_dict[key]).reshape(-1), filter_):
+      raise ValueError(f"{key!r} is not DDPM++'s resample filter {unet.RESAMPLE_FILTER}: another "
+                       "U-Net")
+  return load(build, state_dict, ignore=buffers)
+
+
+# --- iMF's DiT (export/torch_imf_dit.py) ----------------------------------------------------------
+
+def imf_dit_to_torch(net_params) -> dict[str, np.ndarray]:
+  """The torch twin's state_dict (name -> C-contiguous float32 array) of iMF DiT params (a pure
+  dict, stacks per block or stacked)."""
+  return _state_dict(per_block(net_params, stacks=imf_dit.STACKS), own=IMF_DIT_OWN)
+
+
+# --- any network, by its torch names --------------------------------------------------------------
+
+def to_flax_layout(tensor: np.ndarray, ndim: int) -> np.ndarray:
+  """A torch weight in the layout of a flax variable with `ndim` dims (the module docstring's
+  transposes, inverted)."""
+  if ndim == 4:
+    if tensor.ndim == 2:  # a 1x1 conv stored as a linear weight
+      tensor = tensor[:, :, None, None]
+    return np.transpose(tensor, (2, 3, 1, 0))
+  if ndim == 2:
+    if tensor.ndim == 4:  # a linear layer stored as a 1x1 conv (old checkpoints)
+      tensor = tensor[:, :, 0, 0]
+    return np.transpose(tensor)
+  return tensor
+
+
+def load(build: Callable[[], nnx.Module], state_dict: dict[str, np.ndarray],
+         ignore: Iterable[str] = ()):
+  """(graphdef, pure dict of float32 arrays) of `build()` with every variable from state_dict.
+
+  Every variable must be in state_dict (under its `torch_name`) with the right shape; every key
+  of state_dict must be used, except those in `ignore`. The model is built abstractly (no random
+  init).
+
+    graphdef, params = load(lambda: Model(...), state_dict)
+    y = nnx.merge(graphdef, params)(x)
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  used = set()
+
+  def fill(path, leaf):
+    key = torch_name(path)
+    if key not in state_dict:
+      raise KeyError(f"the weights have no {key!r} (needed for {leaf.shape})")
+    value = to_flax_layout(state_dict[key], len(leaf.shape))
+    if value.shape != tuple(leaf.shape):
+      raise ValueError(f"{key!r} has shape {state_dict[key].shape}; the model needs "
+                       f"{tuple(leaf.shape)} in flax layout (got {value.shape})")
+    used.add(key)
+    return np.ascontiguousarray(value, np.float32)
+
+  params = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract))
+  unused = sorted(set(state_dict) - used - set(ignore))
+  if unused:
+    raise ValueError(f"{len(unused)} weights do not fit the model, e.g. {unused[:5]}")
+  return graphdef, params

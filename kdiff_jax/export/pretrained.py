@@ -198,7 +198,7 @@ def read(path: str):
   and the config built from it; a state_dict (torch file, safetensors, npz; IMMPrecond keys
   or the network's) gives its tensors and None: pass --config.
   """
-  from kdiff_jax.models import torch_weights
+  from kdiff_jax.export import weight_files
   tree = None
   if path.endswith((".pkl", ".pt", ".pth")):
     if not os.path.isfile(path):
@@ -214,5 +214,5 @@ def read(path: str):
                for key, value in pickles.module_tensors(precond).items()}
     config = config_from_imm_precond(precond, tensors)
     return network_state_dict(tensors, config.data.num_classes), config
-  state_dict = torch_weights.read_state_dict(path)
+  state_dict = weight_files.read_state_dict(path)
   return state_dict, None

@@ -5,7 +5,7 @@ Module and parameter names are the official ones (h_embedder, omega_embedder,
 cfg_t_start_embedder, cfg_t_end_embedder, y_embedder, class_tokens ... time_tokens,
 shared_blocks, u_heads, v_heads, u_final_layer, v_final_layer; blocks: norm1, attn.{q,k,v,out}_proj,
 attn.{q,k}_norm, norm2, mlp.{w1,w3,w2}, attn_scale, mlp_scale), so kdiff_jax's export
-(`models.imf_dit.to_torch`) loads with strict=True.
+(`export/convert.imf_dit_to_torch`) loads with strict=True.
 
 forward(x, t, y, s=None, guidance=None, interval=None, v_head=False): x NCHW; t is accepted and
 not used (only h = s = t - r conditions the network); guidance ω ≥ 1 enters as 1 - 1/ω;

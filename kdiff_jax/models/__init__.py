@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdiff_jax.models import dit, imf_dit, jit, layers, mlp, unet
-from kdiff_jax.models.dit import DiT, torch_name
+from kdiff_jax.models.dit import DiT
 from kdiff_jax.models.jit import JiT
 from kdiff_jax.models.mlp import MLP
 from kdiff_jax.models.unet import SongUNet
@@ -156,4 +156,4 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
   return network
 
 
-__all__ = ["DiT", "JiT", "MLP", "MODELS", "RULES", "SongUNet", "build", "check", "torch_name"]
+__all__ = ["DiT", "JiT", "MLP", "MODELS", "RULES", "SongUNet", "build", "check"]

@@ -17,8 +17,8 @@ Linear and the patch conv xavier-normal divided by its largest singular value; t
 adaLN and output layers and the label table as DiT), and num_heads (TVM's XL/2 has 18 heads).
 
 Attribute names are DiT's, so a flattened parameter path maps onto the torch state_dict key with
-`torch_name` (a rename), and the value by a transpose: Linear kernel [in, out] -> weight.T;
-Conv kernel [p, p, C, D] -> weight.transpose(3, 2, 0, 1); embedding as is. torch DiT also holds
+export/convert.py's `torch_name` (a rename), and the value by a transpose: Linear kernel
+[in, out] -> weight.T; Conv kernel [p, p, C, D] -> weight.transpose(3, 2, 0, 1); embedding as is. torch DiT also holds
 the fixed `pos_embed` buffer [1, T, D] (here a numpy constant, recomputed from the shapes).
 """
 import jax
@@ -218,26 +218,6 @@ def spectral_init(dit: "DiT", rngs: nnx.Rngs) -> None:
       module.kernel.set_value(jax.vmap(lambda k: spectral_normal(k, shape[1:]))(keys))
     else:
       module.kernel.set_value(spectral_normal(rngs.params(), shape))
-
-
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
-
-
-def torch_name(path) -> str:
-  """Flattened nnx param path -> torch DiT (or JiT) state_dict key.
-
-  The rule: join the path with '.', except that the leaf is renamed kernel -> weight, bias -> bias,
-  an nnx.Embed's 'embedding' -> 'weight' and a norm's 'scale' -> 'weight' (replacing it); a
-  parameter held directly by the model keeps its name (JiT's 'in_context_posemb'). Examples:
-  ('blocks', 3, 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
-  ('y_embedder', 'embedding_table', 'embedding') -> 'y_embedder.embedding_table.weight'.
-  """
-  *module, leaf = (getattr(p, "key", p) for p in path)
-  if not module:
-    return str(leaf)
-  if leaf not in _TORCH_LEAF:
-    raise ValueError(f"no torch name for parameter path {tuple(path)}")
-  return ".".join(str(p) for p in module + [_TORCH_LEAF[leaf]])
 
 
 def dit_from_config(config, dtype, rngs: nnx.Rngs) -> DiT:

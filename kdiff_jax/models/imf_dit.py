@@ -31,7 +31,7 @@ Sizes (depth counts the shared blocks plus one head, as the official `depth`): B
 int(8/3·D) (2048 for D = 768, 2730 for D = 1024).
 
 Parameter names are the official module names, so a parameter path maps onto the torch twin's
-state_dict key (export/torch_imf_dit.py) by `torch_name`; `to_torch` gives the whole state_dict.
+state_dict key (export/torch_imf_dit.py) by export/convert.py's `torch_name`.
 """
 import functools
 import math
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
-from flax import nnx, traverse_util
+from flax import nnx
 
 from kdiff_jax import parallel
 from kdiff_jax.models import dit, layers
@@ -307,66 +307,6 @@ def imf_dit_from_config(config, dtype, rngs: nnx.Rngs) -> ImfDiT:
                 num_heads=num_heads, head_depth=head_depth, mlp_ratio=model.mlp_ratio,
                 num_classes=config.data.num_classes, dtype=dtype, remat=model.remat,
                 scan_blocks=model.scan_blocks, rngs=rngs)
-
-
-# --- torch names ----------------------------------------------------------------------------
-
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
-# nnx leaf name of a module's own parameter (kept as is in torch).
-_OWN_PARAMS = {"attn_scale", "mlp_scale"} | {name for name, _ in TOKEN_GROUPS}
-
-
-def torch_name(path) -> str:
-  """Flattened (per-block) param path -> the torch twin's state_dict key: joined with '.', a
-  layer's leaf renamed kernel/embedding/scale -> weight; a module's own parameter (the condition
-  tokens, attn_scale, mlp_scale) keeps its name. ('u_heads', 0, 'attn', 'q_proj', 'kernel') ->
-  'u_heads.0.attn.q_proj.weight'; ('shared_blocks', 2, 'mlp_scale') -> 'shared_blocks.2.mlp_scale'."""
-  *module, leaf = (getattr(p, "key", p) for p in path)
-  if leaf in _OWN_PARAMS:
-    return ".".join(str(p) for p in module + [leaf])
-  if leaf not in _TORCH_LEAF or not module:
-    raise ValueError(f"no torch name for parameter path {tuple(path)}")
-  return ".".join(str(p) for p in module + [_TORCH_LEAF[leaf]])
-
-
-def _is_stacked(blocks) -> bool:
-  return isinstance(blocks, dict) and not all(isinstance(key, int) for key in blocks)
-
-
-def per_block(net_params):
-  """Net params with every stacked stack ([n, ...] leaves) in the per-block layout {i: ...}."""
-  out = dict(net_params)
-  for name in STACKS:
-    if _is_stacked(net_params[name]):
-      flat = traverse_util.flatten_dict(net_params[name])
-      n = next(iter(flat.values())).shape[0]
-      out[name] = {i: traverse_util.unflatten_dict({k: v[i] for k, v in flat.items()})
-                   for i in range(n)}
-  return out
-
-
-def stacked(net_params):
-  """The inverse of `per_block`: every stack's blocks {i: ...} stacked along a leading axis."""
-  out = dict(net_params)
-  for name in STACKS:
-    flats = [traverse_util.flatten_dict(net_params[name][i])
-             for i in range(len(net_params[name]))]
-    out[name] = traverse_util.unflatten_dict(
-        {k: np.stack([np.asarray(f[k]) for f in flats]) for k in flats[0]})
-  return out
-
-
-def to_torch(net_params) -> dict[str, np.ndarray]:
-  """The torch twin's state_dict (name -> C-contiguous float32 array) of flax net params (a pure
-  dict, stacks per block or stacked): linear kernels transposed [in, out] -> [out, in], the patch
-  conv [p, p, C, D] -> [D, C, p, p], the rest as is. Exact (transposes only)."""
-  state = {}
-  for path, value in traverse_util.flatten_dict(per_block(net_params)).items():
-    value = np.asarray(value, np.float32)
-    if path[-1] == "kernel":
-      value = value.transpose((3, 2, 0, 1) if value.ndim == 4 else (1, 0))
-    state[torch_name(path)] = np.array(value, order="C")
-  return state
 
 
 def forward_macs(*, input_size: int, in_channels: int, patch_size: int, hidden_size: int,

@@ -7,22 +7,20 @@ zero padding and Mixed_7c max-pools its pool branch. Module names are torchvisio
 (Conv2d_1a_3x3.conv, Mixed_6b.branch7x7dbl_3.bn, fc), so pytorch-fid's weights file
 `pt_inception-2015-12-05-6726825d.pth`
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)
-loads by a rename and a transpose (`torch_weights`); `python -m kdiff_jax.models.inception
-IN.pth OUT.npz` converts it (with torch) into an .npz that loads without torch.
+loads by a rename and a transpose (export/weight_files.py: `inception(path)`; `python -m
+kdiff_jax.export.weight_files IN.pth OUT.npz` converts it, with torch, into an .npz that loads
+without torch).
 
 Input: uint8 images [B, H, W, 3] (or 1 channel, repeated to 3) -> x/255 -> bilinear resize to
 299x299 (torch's F.interpolate, align_corners=False, no antialiasing) -> 2x - 1 -> the
 network. Output: the 2048-d pool features (FID, precision/recall) and the 1008 logits (IS).
 """
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kdiff_jax import images as images_lib
-from kdiff_jax.models import torch_weights
 
 # Full float32 matmuls and convolutions on every backend (TPUs default to bfloat16 passes).
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -203,21 +201,3 @@ class InceptionV3(nnx.Module):
       x = block(x)
     features = jnp.mean(x, axis=(1, 2))
     return features, self.fc(features)
-
-
-def load(path: str):
-  """(graphdef, params) of the FID InceptionV3 from pytorch-fid's .pth or its .npz conversion."""
-  return torch_weights.load(lambda: InceptionV3(rngs=nnx.Rngs(0)),
-                            torch_weights.read_state_dict(path))
-
-
-def convert(pth_path: str, npz_path: str) -> None:
-  """pytorch-fid's .pth -> an .npz of the same tensors (torch keys), loadable without torch."""
-  np.savez(npz_path, **torch_weights.read_state_dict(pth_path))
-
-
-if __name__ == "__main__":
-  if len(sys.argv) != 3:
-    sys.exit("usage: python -m kdiff_jax.models.inception pt_inception-2015-12-05-6726825d.pth "
-             "inception.npz")
-  convert(sys.argv[1], sys.argv[2])

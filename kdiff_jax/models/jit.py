@@ -13,7 +13,7 @@ A port of LTH14/JiT `model_jit.py` (docs/objectives/kdiff.md, "JiT-B/16"), NHWC:
 
 The blocks and the final layer are DiT's (models/dit.py) built with JiT's pieces
 (layers.rms_norm, layers.SwiGLU, qk_norm), and the embedders, sin-cos positions and unpatchify
-are shared (models/layers.py), so parameter paths are JiT's torch names after dit.torch_name
+are shared (models/layers.py), so parameter paths are JiT's torch names after convert.torch_name
 (e.g. blocks.0.attn.q_norm.weight, blocks.0.mlp.w12.weight, x_embedder.proj1.weight,
 in_context_posemb). Differences from the torch module: t is the time of this codebase
 (t = 0 data), i.e. 1 - JiT's t, so torch weights need t -> 1 - t at their input; JiT's

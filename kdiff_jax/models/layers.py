@@ -4,7 +4,7 @@ attention (optionally with JiT's qk-norm and 2-D RoPE), MLP, norms, patches.
 Written after facebookresearch/DiT `models.py` (Peebles & Xie 2023), timm's `Attention` /
 `Mlp` and LTH14/JiT `model_jit.py` / `util/model_util.py` (Li & He 2025), with the same
 attribute names so a parameter path maps onto the PyTorch state_dict key by a rename (see
-`dit.torch_name`) and a transpose.
+export/convert.py's `torch_name`) and a transpose.
 
 Conventions:
 * Images are NHWC; tokens are [B, T, D] in row-major patch order (as torch's

@@ -22,10 +22,10 @@ Labels: num_classes = K > 0 adds EDM's map_label on the one-hot label; the null 
 one-hots to the zero vector, IMM's null condition. num_classes = 0 is EDM's label_dim = 0: labels
 are accepted and ignored (IMM's CIFAR-10 model is unconditional).
 
-Names are EDM's, so a parameter path joined with '.' is the torch state_dict key after
-torch_weights.torch_key's leaf rename (kernel -> weight, scale -> weight) and the value a transpose
-(conv [kh, kw, in, out] -> [out, in, kh, kw], linear [in, out] -> [out, in]); the torch state_dict
-also holds EDM's persistent `resample_filter` buffers (`to_torch`, `from_torch`).
+Names are EDM's, so a parameter path joined with '.' is the torch state_dict key after a leaf
+rename (kernel -> weight, scale -> weight) and the value a transpose; the torch state_dict also
+holds EDM's persistent `resample_filter` buffers (export/convert.py: `unet_to_torch`,
+`unet_from_torch`).
 """
 import functools
 import math
@@ -33,10 +33,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from kdiff_jax import parallel
-from kdiff_jax.models import layers, torch_weights
+from kdiff_jax.models import layers
 
 # name -> (model_channels, channel_mult, num_blocks, attn_resolutions). 'ddpmpp': EDM's and IMM's
 # CIFAR-10 DDPM++ (55,732,739 parameters; 56,061,443 with the s-embedding); 'T': tiny, for CPU.
@@ -315,37 +315,3 @@ def check(config) -> None:
   if data.image_size % 2 ** (levels - 1):
     raise ValueError(f"data.image_size={data.image_size}: model.size={model.size!r} halves the "
                      f"image {levels - 1} times; use a multiple of {2 ** (levels - 1)}")
-
-
-# --- PyTorch state_dicts (EDM's and IMM's SongUNet, export/torch_unet.SongUNet) -----------------
-
-_TORCH_KERNEL = {4: (3, 2, 0, 1), 2: (1, 0)}  # flax kernel axes in torch's order, by rank
-
-
-def to_torch(net_params) -> dict[str, np.ndarray]:
-  """EDM's SongUNet state_dict (IMMPrecond's without the 'model.' prefix) of flax net params (a
-  pure dict): torch_weights.torch_key names, kernels transposed, and EDM's persistent
-  resample_filter buffers of conv0 and skip in every 'RxR_down' / 'RxR_up' block; C-contiguous
-  float32 arrays."""
-  state = {}
-  for path, value in traverse_util.flatten_dict(net_params).items():
-    value = np.asarray(value, np.float32)
-    order = _TORCH_KERNEL[value.ndim] if path[-1] == "kernel" else tuple(range(value.ndim))
-    state[torch_weights.torch_key(path)] = np.array(value.transpose(order), order="C")
-  for section in ("enc", "dec"):
-    for name in net_params[section]:
-      if name.endswith(("_down", "_up")):
-        for layer in ("conv0", "skip"):
-          state[f"{section}.{name}.{layer}.resample_filter"] = resample_filter()[None, None]
-  return state
-
-
-def from_torch(state_dict, build):
-  """(graphdef, flax net params) of `build()` (a SongUNet) from an EDM / IMM SongUNet state_dict,
-  whose resample_filter buffers must hold this model's filter (torch_weights.load checks the
-  rest: every parameter present, with its shape, and nothing left over)."""
-  buffers = [key for key in state_dict if key.endswith(".resample_filter")]
-  for key in buffers:
-    if not np.array_equal(np.asarray(state_dict[key]).reshape(-1), resample_filter().reshape(-1)):
-      raise ValueError(f"{key!r} is not DDPM++'s resample filter {RESAMPLE_FILTER}: another U-Net")
-  return torch_weights.load(build, state_dict, ignore=buffers)

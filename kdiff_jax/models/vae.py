@@ -3,29 +3,23 @@
 Module names mirror diffusers' `AutoencoderKL` (encoder.down_blocks.0.resnets.1.conv2,
 decoder.mid_block.attentions.0.to_q, quant_conv, …), so the published diffusers-format weights
 (`stabilityai/sd-vae-ft-ema`, `sd-vae-ft-mse`: `diffusion_pytorch_model.safetensors`) load by a
-rename and a transpose (`torch_weights`). Nothing is downloaded: `load(path)` reads a local
-file or diffusers directory; the architecture comes from the `config.json` beside the weights
+rename and a transpose (export/weight_files.py: `vae(path)` reads a local file or diffusers
+directory; nothing is downloaded). The architecture comes from the `config.json` beside the weights
 (what `AutoencoderKL.save_pretrained` writes) or, without one, is the SD-VAE's: 4 latent
 channels, downsampling factor 8, block_out_channels (128, 256, 512, 512), 2 layers per block,
 32 norm groups.
 
-  graphdef, params, arch = vae.load("/weights/sd-vae-ft-ema")
+  graphdef, params, arch = weight_files.vae("/weights/sd-vae-ft-ema")
   model = nnx.merge(graphdef, params)
   mean, std = model.encode(x)           # x: [B, 256, 256, 3] in [-1, 1] -> [B, 32, 32, 4] each
   x_hat = model.decode(mean + std * n)  # the posterior sample z, unscaled (no 0.18215)
-
-  decode, params = vae.decoder(path)    # jitted decode(params, z), weights read once per path
 """
-import functools
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from kdiff_jax.models import torch_weights
 
 # Full float32 matmuls and convolutions on every backend (TPUs default to bfloat16 passes).
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -36,8 +30,6 @@ SD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 
 # Other config.json entries, with the only values implemented here.
 _FIXED = dict(act_fn="silu", use_quant_conv=True, use_post_quant_conv=True,
               mid_block_add_attention=True)
-# Old diffusers attention names (checkpoints saved before diffusers 0.14) -> current names.
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def _conv(in_channels, out_channels, kernel_size, rngs, stride=1, padding=None):
@@ -258,26 +250,3 @@ def architecture(path: str) -> dict:
 def downsampling_factor(arch: dict) -> int:
   """Image size / latent size: 2^(number of blocks − 1) (8 for the SD-VAE)."""
   return 2 ** (len(arch["block_out_channels"]) - 1)
-
-
-def _current_name(key: str) -> str:
-  return re.sub(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.",
-                lambda m: m.group(1) + _LEGACY_ATTENTION[m.group(2)] + ".", key)
-
-
-@functools.lru_cache(maxsize=2)
-def load(path: str):
-  """(graphdef, params, arch) of the VAE in a diffusers directory or safetensors file (read once)."""
-  arch = architecture(path)
-  state_dict = {_current_name(key): value
-                for key, value in torch_weights.read_state_dict(weights_file(path)).items()}
-  graphdef, params = torch_weights.load(lambda: AutoencoderKL(**arch, rngs=nnx.Rngs(0)),
-                                        state_dict)
-  return graphdef, params, arch
-
-
-@functools.lru_cache(maxsize=2)
-def decoder(path: str):
-  """(decode(params, z) -> images, jitted; params) of the VAE at path."""
-  graphdef, params, _ = load(path)
-  return jax.jit(lambda params, z: nnx.merge(graphdef, params).decode(z)), params

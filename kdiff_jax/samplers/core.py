@@ -7,17 +7,19 @@ plain Python loop with scan=False, same math). The step count is static, no `lax
 wraps a model call (a step that differs, a warm-up or a last first-order step, is its own
 phase), and stochastic steps get one key each, split from the caller's key.
 
-A body of the denoiser methods is `body(carry, coefs, key, denoise) -> carry` (`run`) with
-carry = {'x': x_t, 'hist': tuple of past model outputs, newest first}, `coefs` this step's
-scalars (cast to x's dtype) and `denoise(x, t) -> (x_hat, n_hat)`, the network turned into data
-and noise estimates by parameterization.to_x_eps, the only place those formulas live. A step's
-coefficients are a dict or a NamedTuple record whose fields name the paper's quantities (the
-body then reads `c.sigma_ratio`); the plan stores them as {name: float64 array} either way.
-Samplers with another step contract (IMM's `step(x, coefs, key, step_map) -> x`) run their
-plans through `scan_plan` with their own call.
+A body of the denoiser methods is `body(carry, c, key, denoise) -> carry` (`run`) with
+carry = {'x': x_t, 'hist': tuple of past model outputs, newest first}, `c` this step's
+coefficients (cast to x's dtype) and `denoise(x, t) -> (x_hat, n_hat)`, the network turned into
+data and noise estimates by parameterization.to_x_eps, the only place those formulas live. A
+step's coefficients are a record (a NamedTuple, so a pytree) whose fields name the paper's
+quantities, and the body reads them by name (`c.sigma_ratio`, `c.phi(x, e)`); a field may be a
+record itself (PNDM's `Transfer`). The plan stores a phase's records stacked, {field: float64
+array with one row per step} (a nested record stacked field by field). Samplers with another step
+contract (IMM's `step(x, c, key, step_map) -> x`, the few-step maps of `run_maps`) run their plans
+through `scan_plan` with their own call.
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,19 @@ import numpy as np
 
 from kdiff_jax import parameterization
 from kdiff_jax.samplers import grids
+
+
+class Transfer(NamedTuple):
+  """PNDM's transfer phi(x, e, t, s) = (alpha_s/alpha_t)·x + alpha_s·(eta_s - eta_t)·e (Liu et al.
+  2022's transfer part, in x_bar = x/alpha): an Euler step of d x_bar / d eta = e, DDIM driven
+  by e."""
+
+  alpha_ratio: float      # alpha_s/alpha_t
+  alpha_delta_eta: float  # alpha_s·(eta_s - eta_t)
+
+  def __call__(self, x, e):
+    """phi(x, e, t, s)."""
+    return self.alpha_ratio * x + self.alpha_delta_eta * e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,33 +96,29 @@ class Context:
           f"alpha(t_start={self.times[0]}) = 0 for schedule {self.schedule.name!r}. Start at "
           f"sampling.t_start < 1 (e.g. 0.999), or use 'euler', 'heun', 'ddim' or 'dpm_solver_2m'.")
 
-  def phi(self, t, s):
-    """PNDM's transfer phi(x, e, t, s) = (alpha_s/alpha_t)·x + alpha_s·(eta_s - eta_t)·e, as its
-    two float64 coefficients {'alpha_ratio', 'alpha_delta_eta'} (`transfer`).
-
-    That is an Euler step of d x_bar / d eta = e in x_bar = x/alpha (= DDIM driven by e).
-    """
+  def phi(self, t, s) -> Transfer:
+    """The transfer phi(., ., t, s) with its float64 coefficients."""
     alpha_t, alpha_s = self.alpha(t), self.alpha(s)
-    return {"alpha_ratio": float(alpha_s / alpha_t),
-            "alpha_delta_eta": float(alpha_s * (self.eta(s) - self.eta(t)))}
+    return Transfer(alpha_ratio=float(alpha_s / alpha_t),
+                    alpha_delta_eta=float(alpha_s * (self.eta(s) - self.eta(t))))
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """Consecutive steps sharing one body; coefs[name] has one row per step."""
+  """Consecutive steps sharing one body and one record type; coefs[field] has one row per step."""
 
   body: Callable
   coefs: dict
+  record: type    # the NamedTuple the body reads its coefficients as
   stochastic: bool = False
-  record: Callable = None  # the NamedTuple type the body reads its coefficients as, or None (a dict)
 
   def step_coefs(self, coefs: dict):
-    """One step's coefficients as the body reads them (a record or the dict)."""
-    return coefs if self.record is None else self.record(**coefs)
+    """One step's coefficients (a row of every field) as the body reads them."""
+    return self.record(**coefs)
 
   @property
   def length(self):
-    return len(next(iter(self.coefs.values())))
+    return len(jax.tree.leaves(self.coefs)[0])
 
 
 def _init_carry(x, denoise):
@@ -129,27 +140,26 @@ class Plan:
     return sum(p.length for p in self.phases)
 
 
-def _names(coefs) -> tuple:
-  return tuple(coefs._fields) if hasattr(coefs, "_fields") else tuple(sorted(coefs))
+def _stacked(rows) -> dict:
+  """{field: float64 array, one row per record} of equal records (a nested record field by
+  field)."""
+  return {name: jax.tree.map(lambda *values: np.asarray(values, np.float64),
+                             *(getattr(row, name) for row in rows))
+          for name in rows[0]._fields}
 
 
 def steps_to_plan(steps, init=_init_carry):
-  """Group a per-step list of (body, coefs, stochastic) into phases of equal consecutive bodies
-  (and equal coefficient names); coefs: a dict or a NamedTuple record."""
+  """Group a per-step list of (body, record, stochastic) into phases of equal consecutive bodies
+  and record types."""
   phases = []
-  for body, coefs, stochastic in steps:
-    if (phases and phases[-1][0] is body and phases[-1][2] == stochastic
-        and type(phases[-1][1][0]) is type(coefs) and _names(phases[-1][1][0]) == _names(coefs)):
-      phases[-1][1].append(coefs)
+  for body, c, stochastic in steps:
+    if phases and phases[-1][0] is body and phases[-1][2] == stochastic \
+        and type(phases[-1][1][0]) is type(c):
+      phases[-1][1].append(c)
     else:
-      phases.append((body, [coefs], stochastic))
-  plan_phases = []
-  for body, rows, stochastic in phases:
-    record = type(rows[0]) if hasattr(rows[0], "_fields") else None
-    rows = [row._asdict() for row in rows] if record else rows
-    coefs = {name: np.asarray([row[name] for row in rows], np.float64) for name in rows[0]}
-    plan_phases.append(Phase(body, coefs, stochastic, record))
-  return Plan(tuple(plan_phases), init)
+      phases.append((body, [c], stochastic))
+  return Plan(tuple(Phase(body, _stacked(rows), type(rows[0]), stochastic)
+                    for body, rows, stochastic in phases), init)
 
 
 def push(hist, value):
@@ -195,7 +205,7 @@ def scan_plan(plan, carry, key, dtype, call, *, scan=True, method=""):
   step_keys = jax.random.split(key, plan.num_steps) if plan.stochastic else None
   offset = 0
   for phase in plan.phases:
-    coefs = {name: jnp.asarray(value, dtype) for name, value in phase.coefs.items()}
+    coefs = jax.tree.map(lambda value: jnp.asarray(value, dtype), phase.coefs)
     keys = step_keys[offset:offset + phase.length] if phase.stochastic else None
     offset += phase.length
 
@@ -216,14 +226,34 @@ def gaussian(key, x, scale):
   return scale * jax.random.normal(key, x.shape, x.dtype)
 
 
-def transfer(x, e, c, prefix=""):
-  """phi(x, e, t, s) = (alpha_s/alpha_t)·x + alpha_s·(eta_s - eta_t)·e from Context.phi's
-  coefficients (named prefix + 'alpha_ratio', prefix + 'alpha_delta_eta')."""
-  return c[prefix + "alpha_ratio"] * x + c[prefix + "alpha_delta_eta"] * e
-
-
 def transfer_step(carry, c, key, denoise):
-  """x_s = phi(x_t, e, t, s), e = n_hat(x_t, t): the first-order step of the eps-driven methods."""
+  """x_s = phi(x_t, e, t, s), e = n_hat(x_t, t): the first-order step of the eps-driven methods
+  (c: a record with t and phi, a Transfer)."""
   x = carry["x"]
-  _, e = denoise(x, c["t"])
-  return {"x": transfer(x, e, c), "hist": push(carry["hist"], e)}
+  _, e = denoise(x, c.t)
+  return {"x": c.phi(x, e), "hist": push(carry["hist"], e)}
+
+
+# --- the few-step maps ---------------------------------------------------------------------------
+
+class MapStep(NamedTuple):
+  """A few-step sampler's step t -> s with a trained map (IMM's f_{s,t}, MeanFlow's average
+  velocity, TVM's terminal velocity)."""
+
+  t: float  # where the step starts
+  s: float  # where it lands, s < t
+
+
+def map_steps(times) -> list:
+  """[MapStep(t_i, t_{i+1}) for i = 0 .. N-1] of a decreasing float64 grid."""
+  times = np.asarray(times, np.float64)
+  if not np.all(np.diff(times) < 0):
+    raise ValueError(f"the time grid must decrease, got {times.tolist()}")
+  return [MapStep(t=t, s=s) for t, s in zip(times[:-1], times[1:])]
+
+
+def run_maps(step, x, times, *, scan=True):
+  """x at times[-1] from x = x at times[0]: x <- step(x, c) for c = MapStep(t_i, t_{i+1}) in x's
+  dtype, one lax.scan over the grid (so `jax.jit` compiles one step body however many steps)."""
+  the_plan = steps_to_plan([(step, c, False) for c in map_steps(times)])
+  return scan_plan(the_plan, x, None, x.dtype, lambda body, x, c, key: body(x, c), scan=scan)

@@ -12,7 +12,7 @@ network output G before the map: G_w = G_null + w·(G_cond - G_null) (guidance.c
 null label = num_classes).
 
 Their step contract is their own: `step(x, c, key, step_map) -> x` with `step_map(x, s, t) =
-f_{s,t}(x)` (scalar s, t) and `c` the step's float64 record (`PushforwardStep`, `RestartStep`);
+f_{s,t}(x)` (scalar s, t) and `c` the step's float64 record (core.MapStep, `RestartStep`);
 `plan` builds a samplers.core plan of them and `sample` runs it with core.scan_plan (one lax.scan
 per phase), so `jax.jit` of `sample` compiles one step body however many steps there are.
 
@@ -29,11 +29,6 @@ from kdiff_jax.samplers import core, grids, guidance
 METHODS = ("pushforward", "restart")
 
 
-class PushforwardStep(NamedTuple):
-  s: float            # the time the map lands on
-  t: float            # the time it starts from
-
-
 class RestartStep(NamedTuple):
   s: float            # t_N: every restart step maps to the end
   t: float            # t_i
@@ -42,7 +37,7 @@ class RestartStep(NamedTuple):
 
 
 def _pushforward_step(x, c, key, step_map):
-  """x <- f_{s,t}(x)."""
+  """x <- f_{s,t}(x) (c: a core.MapStep)."""
   return step_map(x, c.s, c.t)
 
 
@@ -57,15 +52,14 @@ def plan(schedule, times, method, noise_std=1.0):
   times = np.asarray(times, np.float64)
   steps = len(times) - 1
   if method == "pushforward":
-    rows = [(_pushforward_step, PushforwardStep(s=times[i + 1], t=times[i]), False)
-            for i in range(steps)]
+    rows = [(_pushforward_step, c, False) for c in core.map_steps(times)]
   elif method == "restart":
     rows = [(_restart_step, RestartStep(s=times[-1], t=times[i],
                                         alpha=float(schedule.alpha(times[i + 1])),
                                         sigma_noise=float(schedule.sigma(times[i + 1])) * noise_std),
              True)
             for i in range(steps - 1)]
-    rows.append((_pushforward_step, PushforwardStep(s=times[-1], t=times[-2]), False))
+    rows.append((_pushforward_step, core.MapStep(t=times[-2], s=times[-1]), False))
   else:
     raise ValueError(f"sampling.method={method!r}: allowed values are {list(METHODS)}")
   return core.steps_to_plan(rows)

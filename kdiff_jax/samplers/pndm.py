@@ -20,6 +20,8 @@ PLMS:   diffusers' PNDMScheduler(skip_prk_steps=True), what Stable Diffusion cal
         N + 1 NFE (N = 1: one plain transfer step, 1 NFE, as diffusers).
 A warm-up step that lands on sigma = 0 would call the model there; it is first order instead.
 """
+from typing import NamedTuple
+
 from kdiff_jax.samplers import core
 
 # Adams–Bashforth weights of e_k, e_{k-1}, ... by order.
@@ -31,34 +33,52 @@ _ADAMS_BASHFORTH_WEIGHTS = {
 _WHY = "is eps-driven (its transfer phi divides by alpha(t))"
 
 
+class Step(NamedTuple):
+  """A pseudo improved Euler, pseudo linear multistep or first-order step t -> s."""
+
+  t: float
+  s: float
+  phi: core.Transfer      # phi(., ., t, s)
+
+
+class RK4Step(NamedTuple):
+  """A pseudo RK4 step t -> s through the midpoint m."""
+
+  t: float
+  m: float
+  s: float
+  phi: core.Transfer      # phi(., ., t, s)
+  phi_mid: core.Transfer  # phi(., ., t, m)
+
+
 def improved_euler_step(carry, c, key, denoise):
   """e1 = e(x, t), e2 = e(phi(x, e1, t, s), s), x_s = phi(x, (e1 + e2)/2, t, s); keeps e1."""
   x = carry["x"]
-  _, e1 = denoise(x, c["t"])
-  _, e2 = denoise(core.transfer(x, e1, c), c["s"])
-  return {"x": core.transfer(x, 0.5 * (e1 + e2), c), "hist": core.push(carry["hist"], e1)}
+  _, e1 = denoise(x, c.t)
+  _, e2 = denoise(c.phi(x, e1), c.s)
+  return {"x": c.phi(x, 0.5 * (e1 + e2)), "hist": core.push(carry["hist"], e1)}
 
 
 def _rk4_step(carry, c, key, denoise):
   """Pseudo RK4: e1..e4 at t, m, m, s through phi; x_s = phi(x, (e1 + 2e2 + 2e3 + e4)/6, t, s); keeps e1."""
   x = carry["x"]
-  _, e1 = denoise(x, c["t"])
-  _, e2 = denoise(core.transfer(x, e1, c, "mid_"), c["m"])
-  _, e3 = denoise(core.transfer(x, e2, c, "mid_"), c["m"])
-  _, e4 = denoise(core.transfer(x, e3, c), c["s"])
+  _, e1 = denoise(x, c.t)
+  _, e2 = denoise(c.phi_mid(x, e1), c.m)
+  _, e3 = denoise(c.phi_mid(x, e2), c.m)
+  _, e4 = denoise(c.phi(x, e3), c.s)
   e_prime = (e1 + 2.0 * e2 + 2.0 * e3 + e4) / 6.0
-  return {"x": core.transfer(x, e_prime, c), "hist": core.push(carry["hist"], e1)}
+  return {"x": c.phi(x, e_prime), "hist": core.push(carry["hist"], e1)}
 
 
 def _multistep_body(weights):
   def multistep_step(carry, c, key, denoise):
     """Pseudo linear multistep: e' = sum_j w_j·e_{k-j}, x_s = phi(x, e', t, s)."""
     x = carry["x"]
-    _, e = denoise(x, c["t"])
+    _, e = denoise(x, c.t)
     e_prime = weights[0] * e
     for weight, e_old in zip(weights[1:], carry["hist"]):
       e_prime = e_prime + weight * e_old
-    return {"x": core.transfer(x, e_prime, c), "hist": core.push(carry["hist"], e)}
+    return {"x": c.phi(x, e_prime), "hist": core.push(carry["hist"], e)}
   return multistep_step
 
 
@@ -66,8 +86,8 @@ def _multistep_body(weights):
 _multistep = {order: _multistep_body(weights) for order, weights in _ADAMS_BASHFORTH_WEIGHTS.items()}
 
 
-def _phi_coefs(ctx, t, s):
-  return {"t": t, "s": s, **ctx.phi(t, s)}
+def _step(ctx, t, s) -> Step:
+  return Step(t=t, s=s, phi=ctx.phi(t, s))
 
 
 def _init(history):
@@ -81,7 +101,7 @@ def s_pndm(ctx):
   ctx.require_alpha_positive(_WHY)
   steps = []
   for i, (t, s) in enumerate(zip(ctx.times[:-1], ctx.times[1:])):
-    coefs = _phi_coefs(ctx, t, s)
+    coefs = _step(ctx, t, s)
     if i == 0:
       body = core.transfer_step if ctx.to_zero(s) else improved_euler_step
     else:
@@ -97,7 +117,7 @@ def f_pndm(ctx, midpoint="t"):
     raise ValueError(f"sampling.options.midpoint={midpoint!r}: allowed values are ['t', 'eta']")
   steps = []
   for i, (t, s) in enumerate(zip(ctx.times[:-1], ctx.times[1:])):
-    coefs = _phi_coefs(ctx, t, s)
+    coefs = _step(ctx, t, s)
     if i >= 3:
       steps.append((_multistep[4], coefs, False))
     elif ctx.to_zero(s):
@@ -107,8 +127,8 @@ def f_pndm(ctx, midpoint="t"):
         m = 0.5 * (t + s)
       else:
         m = float(ctx.schedule.eta_inv(0.5 * (ctx.eta(t) + ctx.eta(s))))
-      mid = {"mid_" + name: value for name, value in ctx.phi(t, m).items()}
-      steps.append((_rk4_step, {**coefs, "m": m, **mid}, False))
+      steps.append((_rk4_step, RK4Step(t=t, m=m, s=s, phi=coefs.phi, phi_mid=ctx.phi(t, m)),
+                     False))
   return core.steps_to_plan(steps, _init(3))
 
 
@@ -122,7 +142,7 @@ def plms(ctx):
       body = _multistep[min(i + 1, 4)]
     else:  # diffusers' one-step PLMS makes no second evaluation
       body = core.transfer_step if ctx.num_steps == 1 else improved_euler_step
-    steps.append((body, _phi_coefs(ctx, t, s), False))
+    steps.append((body, _step(ctx, t, s), False))
   return core.steps_to_plan(steps, _init(3))
 
 

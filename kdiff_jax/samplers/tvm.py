@@ -9,11 +9,11 @@ it as beta = 1/cfg:
 
 i.e. the one-step map f_{t_{i+1}, t_i}; a = cfg when the network was trained with the output
 scale (scale_output), else 1. N model calls: guidance is trained into F, no second pass. The
-steps run as one lax.scan over the float64 grid, so `jax.jit` of `sample` compiles one step body.
+steps run through core.run_maps, the runner of every few-step map.
 """
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from kdiff_jax.samplers import core
 
 METHODS = ("tvm",)
 
@@ -24,22 +24,15 @@ def sample(network, noise, labels, *, times, cfg, scale_output):
   network(x, t, h, labels, beta) -> F, with t, h, beta: [B] vectors; times: the decreasing grid;
   cfg > 0 the guidance scale (beta = 1/cfg).
   """
-  times = np.asarray(times, np.float64)
-  if not np.all(np.diff(times) < 0):
-    raise ValueError(f"the time grid must decrease, got {times.tolist()}")
   if not cfg > 0:
     raise ValueError(f"sampling.guidance_scale={cfg}: TVM feeds beta = 1/cfg, so cfg must be > 0")
   x = jnp.asarray(noise, jnp.float32)
-  batch = x.shape[0]
-  beta = jnp.full((batch,), 1.0 / cfg, jnp.float32)
+  vector = lambda value: jnp.full((x.shape[0],), value, jnp.float32)
+  beta = vector(1.0 / cfg)
   a = float(cfg) if scale_output else 1.0
 
-  def step(x, t_s):
-    t, s = t_s[0], t_s[1]
-    vector = lambda value: jnp.full((batch,), value, jnp.float32)
-    F = network(x, vector(t), vector(t - s), labels, beta)
-    return x + (s - t) * a * F, None
+  def step(x, c):
+    """f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta)  (TVM's one-step map)."""
+    return x + (c.s - c.t) * a * network(x, vector(c.t), vector(c.t - c.s), labels, beta)
 
-  pairs = jnp.asarray(np.stack([times[:-1], times[1:]], axis=1), jnp.float32)
-  x, _ = jax.lax.scan(step, x, pairs)
-  return x
+  return core.run_maps(step, x, times)
