@@ -13,14 +13,16 @@ imf_in256's full remat), the train step of train_state.py is
 lowered with the run's abstract state and batch and compiled by libtpu's XLA for that slice, and
 so is the FID / sample-grid sampler (sampling.build, batch-sharded, eval.batch_size). Printed, per
 chip: HBM of arguments, outputs, temporaries and their total (outputs aliased to donated
-arguments counted once) against the chip's HBM; XLA's FLOPs; the collectives in the compiled HLO
-(kind, static count, bytes of their results; an op inside the scan's loop body runs once per
-block); compile time. Estimates, labelled as such: FLOPs / datasheet peak (the step's floor at
-100% MFU) and collective bytes / ICI bandwidth. XLA's own `optimal_seconds` is printed as is: it
-is not a usable step time (it comes out negative on some slices). XLA's cost analysis counts
-a while loop's body once, so with scan the FLOPs (and the estimate from them) are per block
-pass, not per step: read FLOPs from a plain variant. The largest arrays that no mesh axis
-shards close the table.
+arguments counted once) against the chip's HBM; XLA's FLOPs; the collectives of the compiled HLO
+as the chip runs them (kdiff_jax/collectives.py: kind, instructions, executions per step, the
+GB each chip sends under a ring model against the step's ideal, the mesh axes; docs/sharding.md
+says how to read them); compile time. Estimates, labelled as such: FLOPs / datasheet peak (the
+step's floor at 100% MFU), the collectives' sent bytes / half the ICI bandwidth (one way, no
+overlap), and their ratio. XLA's cost analysis counts a while loop's body once, so with scan the
+FLOPs (and the estimates from them) are per block pass, not per step: read FLOPs from a plain
+variant (the collectives are per step either way). --hlo_dir writes each train step's HLO
+text, to read what a figure came from. The largest arrays that no mesh axis shards close the
+table.
 
 A slice whose compile exceeds its HBM is reported with the compiler's own figure and the memory
 it asked for; --largest_batch then searches multiples of the batch unit (batch shards x group
@@ -96,14 +98,21 @@ def collective_time(sent_bytes: float, chip) -> float:
 
 
 def collectives_cell(compiled: aot.Compiled, ideal: dict | None) -> str:
-  """'kind count[xruns] sent GB [/ ideal GB = ratio] (axes)' per kind."""
+  """'kind count(runs) sent GB [/ ideal GB = ratio] (axes)' per kind, then the total against the
+  ideal's total. A kind whose ideal is under 1% of the ideal total (a few scalars) gets no ratio."""
   cells = []
+  floor = 0.01 * sum(ideal.values()) if ideal else 0.0
   for kind, summary in compiled.collectives.items():
     runs = f"({summary.executions} runs)" if summary.executions != summary.count else ""
-    cell = f"{kind} {summary.count}x{runs} {_gb(summary.sent_bytes)}"
-    if ideal is not None and ideal.get(kind):
+    done_by = f", {summary.as_all_reduce} as all-reduce" if summary.as_all_reduce else ""
+    cell = f"{kind} {summary.count}x{runs}{done_by} {_gb(summary.sent_bytes)}"
+    if ideal is not None and ideal.get(kind, 0) > floor:
       cell += f" / {_gb(ideal[kind])} = {summary.sent_bytes / ideal[kind]:.2f}x"
     cells.append(cell + f" ({','.join(summary.axes)})")
+  if ideal:
+    sent = sum(summary.sent_bytes for summary in compiled.collectives.values())
+    cells.append(f"**total {_gb(sent)} / {_gb(sum(ideal.values()))} = "
+                 f"{sent / sum(ideal.values()):.2f}x**")
   return "; ".join(cells) or "none"
 
 
