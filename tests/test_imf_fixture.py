@@ -1,7 +1,8 @@
 """An iMF checkpoint written by the code at commit 0b8c8cd (tests/fixtures/imf_meanflow_0b8c8cd,
-its config.py says how) restores, samples and exports with today's code: the samples equal what
-that code drew (expected.npz), and the export's JSON describes the run as today's code does."""
-import json
+its config.py says how), when iMF was objective.name = 'meanflow' with
+objective.meanflow.variant = 'imf', restores, samples and exports with today's code: its config
+reads as objective.name = 'imf', the samples equal what that code drew (expected.npz), and the
+export samples the same in PyTorch."""
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from kdiff_jax import checkpoint, parallel, sampling, state
+from kdiff_jax import checkpoint, config as config_lib, parallel, sampling, state
 from kdiff_jax.export import checkpoints
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -22,6 +23,15 @@ def workdir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("imf_fixture"))
   shutil.copytree(os.path.join(FIXTURE, "checkpoints"), os.path.join(directory, "checkpoints"))
   return directory
+
+
+def test_the_old_config_reads_as_imf(workdir):
+  config = checkpoint.load_config(workdir)
+  config_lib.validate(config)
+  assert config.objective.name == "imf" and "variant" not in config.objective.meanflow
+  assert config.objective.imf.to_dict() == dict(
+      share_r_equals_t=0.5, adaptive_p=1.0, adaptive_c=0.01, full_batch_jvp=False, s_max=7.0,
+      cfg_beta=1.0, interval_split=0.5, aux_v_head=True)
 
 
 def test_restores_and_samples_what_the_old_code_sampled(workdir):
@@ -38,11 +48,19 @@ def test_restores_and_samples_what_the_old_code_sampled(workdir):
   assert np.max(np.abs(expected["one_step"] - expected["noise"])) > 0.1
 
 
-def test_exports(workdir):
+def test_exports_and_samples_in_torch_what_the_old_code_sampled(workdir):
+  torch = pytest.importorskip("torch")
+  from kdiff_jax.export import torch_load, torch_sampling
   config = checkpoint.load_config(workdir)
   paths = checkpoints.export_checkpoint(config, workdir)
-  with open(paths["json"]) as f:
-    meta = json.load(f)
+  model, meta = torch_load.load(paths["json"])
   assert meta["model"]["name"] == "imf_dit" and meta["weights"]["step"] == 2
+  assert meta["objective"]["name"] == "imf" and meta["objective"]["torch_sampler"] == "imf"
   assert meta["sampling"]["guidance_interval"] == [0.2, 0.8]
   assert meta["sampling"]["times"] == [1.0, 0.0]
+  expected = np.load(os.path.join(FIXTURE, "expected.npz"))
+  nchw = lambda a: torch.from_numpy(np.array(a)).permute(0, 3, 1, 2)
+  got = torch_sampling.sample(model, meta, nchw(expected["noise"]),
+                              torch.from_numpy(np.array(expected["labels"])))
+  np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected["one_step"], rtol=1e-5,
+                             atol=1e-5)
