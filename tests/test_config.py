@@ -237,3 +237,25 @@ def test_resume_refuses_what_alters_the_run_and_allows_the_rest():
                                          rf"--allow_config_change={path}"):
       config_lib.check_resume(saved, new, step=1000)
     assert path in config_lib.check_resume(saved, new, step=1000, allowed=(path,))
+
+
+def test_a_config_is_checked_once_and_again_when_it_changes(monkeypatch):
+  """validate remembers what it accepted: the library's own guards after main.py's validation
+  (train_state.setup, generation, export) do not check, nor build the sampling plan, again."""
+  from kdiff_jax import sampling
+  calls = []
+  check = sampling.check
+  monkeypatch.setattr(sampling, "check", lambda config: calls.append(1) or check(config))
+  config = digits_fm.get_config()
+  config.sampling.num_steps = 7   # a config no other test validated
+  config_lib.validate(config)
+  config_lib.validate(config)
+  assert len(calls) == 1
+  config.sampling.num_steps = 9
+  config_lib.validate(config)
+  assert len(calls) == 2
+  config.sampling.num_steps = 0
+  with pytest.raises(ValueError, match="sampling.num_steps=0"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="sampling.num_steps=0"):
+    config_lib.validate(config)   # a refused config is refused every time
