@@ -158,6 +158,14 @@ def test_the_config_section_and_rules_come_with_the_registration(registered):
     config_lib.validate(config)
 
 
+def test_register_refuses_an_incomplete_method_or_a_taken_name(registered):
+  incomplete = types.SimpleNamespace(RULES={}, check=None, describe=None)
+  with pytest.raises(ValueError, match=r"register\('mine', ...\): the method lacks \['build'\]"):
+    objectives.register("mine", incomplete)
+  with pytest.raises(ValueError, match=r"register\('imf', ...\): 'imf' is registered already"):
+    objectives.register("imf", toy_method())
+
+
 def _restored(config, workdir):
   weights = state.Weights(config, parallel.make_mesh(config.mesh, ONE))
   params, step = weights.restore(workdir, use_ema=True)
