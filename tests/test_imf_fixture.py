@@ -64,3 +64,18 @@ def test_exports_and_samples_in_torch_what_the_old_code_sampled(workdir):
                               torch.from_numpy(np.array(expected["labels"])))
   np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected["one_step"], rtol=1e-5,
                              atol=1e-5)
+
+
+def test_an_old_meanflow_config_drops_the_variant_fields():
+  """A MeanFlow run saved by that code (objective.meanflow.variant = 'meanflow', and the unused
+  objective.meanflow.imf.*) reads as today's MeanFlow config, its fields unchanged."""
+  import json as json_lib
+  from configs import meanflow_digits
+  from kdiff_jax import schema
+  saved = json_lib.loads(meanflow_digits.get_config().to_json())
+  saved["objective"]["meanflow"].update(variant="meanflow", imf=dict(s_max=7.0, cfg_beta=1.0))
+  config = schema.from_dict(saved)
+  config_lib.validate(config)
+  assert config.objective.name == "meanflow"
+  today = meanflow_digits.get_config().objective.meanflow
+  assert config.objective.meanflow.to_dict() == today.to_dict()
