@@ -3,7 +3,7 @@
 Run the same command on every worker of a TPU VM pod; JAX finds the other workers itself.
 Override any field: --config.training.num_steps=100. --mode=sample, eval and export read the
 run's own config from its newest checkpoint, so they need no --config; --config.* overrides
-still apply (e.g. --config.sampling.num_steps=4).
+still apply (e.g. --config.sampling.num_steps=4). The modes are kdiff_jax/modes.py.
 
 A mistake (a missing config file, an unknown or invalid field, an unusable workdir, a mesh or
 batch the devices cannot hold, a resume that changes what the checkpoint means) ends in one line
@@ -13,12 +13,12 @@ the libraries' messages and the tracebacks of their background threads go to <wo
 failure's one line is the last. --verbosity=1 puts all of it, and every traceback, on the
 console instead.
 
-The command line before absl parses it (`config_flag`), the one place that reads argv:
+`parse_flags` is the one place that reads argv, before absl parses it:
 * --config=FILE must name a file (absl would raise a traceback);
 * every --config.<field> must name a field of the schema (schema.check_field_names: the known
   fields and the closest match);
-* without --config, --mode=sample/eval/export take the config saved in --workdir's checkpoint,
-  and --mode=import the one a released IMM pickle (--import_from) carries.
+* without --config, the mode's own config (modes.config_source): --mode=sample/eval/export take
+  the one saved in --workdir's checkpoint, --mode=import the one a released IMM pickle carries.
 """
 import os
 import sys
@@ -28,13 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "sample", "eval", "export", "import", "encode_latents")
-AFTER_TRAINING = ("sample", "eval", "export")   # read a run whose checkpoint holds its config
-IMPORTED = {}   # --import_from -> (state_dict, config or None), read once when it gave the config
+from kdiff_jax import modes  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
-flags.DEFINE_enum("mode", "train", MODES,
+flags.DEFINE_enum("mode", "train", list(modes.MODES),
                   "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir "
                   "(config.sampling); eval: FID/IS/precision/recall of a checkpoint (config.eval); "
                   "export: write a checkpoint as PyTorch files (config.export); import: write "
@@ -54,10 +52,6 @@ flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCES
 flags.DEFINE_integer("process_id", -1, "This process's id (or JAX_PROCESS_ID).")
 
 
-class UsageError(Exception):
-  """A mistake on the command line or in the config: one line, exit code 2."""
-
-
 def fail(error: BaseException, *, verbose: bool, code: int = 2):
   """Print `error` as one line "error: ..." on the console (the traceback when verbose), exit."""
   if verbose:
@@ -68,89 +62,44 @@ def fail(error: BaseException, *, verbose: bool, code: int = 2):
   sys.exit(code)
 
 
-def config_flag(argv) -> None:
-  """Define --config from argv (see the module docstring)."""
-  from kdiff_jax import schema
-  schema.check_field_names([arg.lstrip("-").split("=", 1)[0][len("config."):]
-                            for arg in argv[1:] if arg.lstrip("-").startswith("config.")])
-  early = flags.FlagValues()   # the flags that decide where the config comes from
-  for name, default in (("config", None), ("workdir", None), ("mode", "train"),
-                        ("import_from", "")):
-    flags.DEFINE_string(name, default, "", flag_values=early)
-  early(argv, known_only=True)
-  if early.config is None and early.mode in AFTER_TRAINING and early.workdir:
-    from kdiff_jax import checkpoint
-    config_flags.DEFINE_config_dict("config", checkpoint.load_config(early.workdir),
-                                    "The run's own config (from --workdir).", lock_config=True)
-  elif early.config is None and early.mode == "import" and early.import_from:
-    from kdiff_jax.export import pretrained
-    IMPORTED[early.import_from] = pretrained.read(early.import_from)
-    if IMPORTED[early.import_from][1] is None:
-      raise UsageError(f"--import_from={early.import_from} is a state_dict: give the model's "
-                       "--config (only pickled IMMPrecond files carry their settings)")
-    config_flags.DEFINE_config_dict("config", IMPORTED[early.import_from][1],
-                                    "The imported file's config.", lock_config=True)
-  else:
-    if early.config is not None:
-      file = early.config.split(":", 1)[0]
-      if not os.path.isfile(file):
-        raise UsageError(f"--config={early.config}: " + (
-            f"{file} is a directory; give a config file such as configs/digits_fm.py"
-            if os.path.isdir(file) else f"no such file ({os.path.abspath(file)})"))
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-
-
 def parse_flags(argv):
-  """absl's flag parsing, a mistake in one line (--verbosity=1 in argv: with its traceback)."""
+  """--config from where the mode takes it, then absl's parsing (module docstring); a mistake in
+  one line (--verbosity=1 in argv: with its traceback)."""
   verbose = any(arg.lstrip("-").split("=", 1)[0] in ("verbosity", "v")
                 and arg.split("=", 1)[-1].isdigit() and int(arg.split("=", 1)[-1]) >= 1
                 for arg in argv[1:] if "=" in arg)
+  from kdiff_jax import schema
   from kdiff_jax.checkpoint import CheckpointError
   try:
-    config_flag(argv)
+    schema.check_field_names([arg.lstrip("-").split("=", 1)[0][len("config."):]
+                              for arg in argv[1:] if arg.lstrip("-").startswith("config.")])
+    early = flags.FlagValues()   # the flags that decide where the config comes from
+    for name, default in (("config", None), ("workdir", None), ("mode", "train"),
+                          ("import_from", "")):
+      flags.DEFINE_string(name, default, "", flag_values=early)
+    early(argv, known_only=True)
+    source = (modes.config_source(early.mode, early.workdir, early.import_from)
+              if early.config is None else None)
+    if source is not None:
+      config_flags.DEFINE_config_dict("config", source[0], source[1], lock_config=True)
+    else:
+      if early.config is not None:
+        file = early.config.split(":", 1)[0]
+        if not os.path.isfile(file):
+          raise modes.UsageError(f"--config={early.config}: " + (
+              f"{file} is a directory; give a config file such as configs/digits_fm.py"
+              if os.path.isdir(file) else f"no such file ({os.path.abspath(file)})"))
+      config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     remaining = FLAGS(argv)
     if FLAGS.config is None:
-      raise UsageError(f"--mode={FLAGS.mode} needs --config=configs/<experiment>.py")
+      raise modes.UsageError(f"--mode={FLAGS.mode} needs --config=configs/<experiment>.py")
     if not FLAGS.workdir:
-      raise UsageError("--workdir is empty: give the run's directory (a local path or gs://...)")
+      raise modes.UsageError("--workdir is empty: give the run's directory (a local path or "
+                             "gs://...)")
     return remaining
-  except (UsageError, ValueError, OSError, KeyError, AttributeError, flags.Error,
+  except (modes.UsageError, ValueError, OSError, KeyError, AttributeError, flags.Error,
           CheckpointError) as error:
     fail(error, verbose=verbose)
-
-
-def run(config) -> None:
-  mode, workdir = FLAGS.mode, FLAGS.workdir
-  if mode == "train":
-    from kdiff_jax import evaluate, train
-    train.train_and_evaluate(config, workdir,
-                             source=config_flags.get_config_filename(FLAGS["config"]),
-                             allow_config_change=FLAGS.allow_config_change,
-                             sampling_actions=evaluate.training_actions)
-  elif mode == "sample":
-    from kdiff_jax import generation
-    generation.generate(config, workdir)
-  elif mode == "eval":
-    from kdiff_jax import evaluate
-    evaluate.evaluate(config, workdir)
-  elif mode == "export":
-    from kdiff_jax.export import checkpoints
-    checkpoints.export_checkpoint(config, workdir)
-  elif mode == "import":
-    from kdiff_jax import console
-    from kdiff_jax.export import checkpoints, pretrained
-    if not FLAGS.import_from:
-      raise UsageError("--mode=import needs --import_from=<IMM .pkl, or a state_dict .pt or "
-                       ".safetensors>")
-    state_dict, carried = IMPORTED.get(FLAGS.import_from) or pretrained.read(FLAGS.import_from)
-    if carried is not None:
-      console.info("import: %s: %s", FLAGS.import_from, pretrained.describe(config))
-    net = checkpoints.import_state_dict(state_dict, config,
-                                        drop_learned_sigma=FLAGS.drop_learned_sigma)
-    checkpoints.init_workdir(config, workdir, net)
-  elif mode == "encode_latents":
-    from kdiff_jax import encoding
-    encoding.encode_tfds(config)
 
 
 def main(argv):
@@ -163,16 +112,19 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   workdir = None
   try:
-    config_lib.validate(FLAGS.config)   # before anything is created or started
+    config_lib.validate(FLAGS.config)   # once, before anything is created or started
     workdir = Workdir.prepare(FLAGS.workdir, FLAGS.mode)
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                          FLAGS.process_id)
     if not verbose and FLAGS.mode != "encode_latents":
       workdir.divert_library_output()
-    run(FLAGS.config)
+    modes.MODES[FLAGS.mode](
+        FLAGS.config, FLAGS.workdir, config_file=config_flags.get_config_filename(FLAGS["config"]),
+        allow_config_change=FLAGS.allow_config_change, import_from=FLAGS.import_from,
+        drop_learned_sigma=FLAGS.drop_learned_sigma)
   except actions.NonFiniteLossError as error:
     fail(error, verbose=verbose, code=1)
-  except (UsageError, ValueError) as error:   # a mistake: what this run created goes
+  except (modes.UsageError, ValueError) as error:   # a mistake: what this run created goes
     if workdir is not None:
       workdir.undo()
     fail(error, verbose=verbose)

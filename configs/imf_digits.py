@@ -26,20 +26,19 @@ def get_config():
   config.model.second_time_embedder = True  # h = t - r, the network's only time input
   config.model.time_scale = 1.0             # iMF embeds the raw h, 1 - 1/omega and interval
 
-  config.objective.name = "meanflow"
+  config.objective.name = "imf"
   config.objective.schedule = "rectified_flow"
   config.objective.time_sampling = "logit_normal"
   config.objective.logit_normal_mean = -0.4
   config.objective.logit_normal_std = 1.0
   config.objective.label_dropout = 0.1
-  config.objective.meanflow.variant = "imf"
-  config.objective.meanflow.share_r_equals_t = 0.5
-  config.objective.meanflow.adaptive_p = 1.0
-  config.objective.meanflow.adaptive_c = 0.01
-  config.objective.meanflow.imf.s_max = 7.0
-  config.objective.meanflow.imf.cfg_beta = 1.0
-  config.objective.meanflow.imf.interval_split = 0.5
-  config.objective.meanflow.imf.aux_v_head = True
+  config.objective.imf.share_r_equals_t = 0.5
+  config.objective.imf.adaptive_p = 1.0
+  config.objective.imf.adaptive_c = 0.01
+  config.objective.imf.s_max = 7.0
+  config.objective.imf.cfg_beta = 1.0
+  config.objective.imf.interval_split = 0.5
+  config.objective.imf.aux_v_head = True
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.b2 = 0.95

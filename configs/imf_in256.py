@@ -22,7 +22,7 @@ The official recipe (Lyy-iiis/imeanflow `configs/default.py`, `configs/train_con
     1 NFE, M/2 and L/2: guidance_scale 10.5, guidance_interval (0.4, 0.6)
     1 NFE, B/2: guidance_scale 8.0, guidance_interval (0.4, 0.65)
   (10.5 is above the training range [1, 8]: the official eval uses it for M/2 and L/2, so raise
-  objective.meanflow.imf.s_max to 9.5 for those settings, or this config refuses them.)
+  objective.imf.s_max to 9.5 for those settings, or this config refuses them.)
 
   python main.py --config=configs/imf_in256.py --config.data.latents_path=$LATENTS --workdir=$WORKDIR
 """
@@ -51,20 +51,19 @@ def get_config():
   config.model.remat = "full"
   config.model.scan_blocks = True
 
-  config.objective.name = "meanflow"
+  config.objective.name = "imf"
   config.objective.schedule = "rectified_flow"
   config.objective.time_sampling = "logit_normal"
   config.objective.logit_normal_mean = -0.4
   config.objective.logit_normal_std = 1.0
   config.objective.label_dropout = 0.1
-  config.objective.meanflow.variant = "imf"
-  config.objective.meanflow.share_r_equals_t = 0.5
-  config.objective.meanflow.adaptive_p = 1.0
-  config.objective.meanflow.adaptive_c = 0.01
-  config.objective.meanflow.imf.s_max = 7.0
-  config.objective.meanflow.imf.cfg_beta = 1.0
-  config.objective.meanflow.imf.interval_split = 0.5
-  config.objective.meanflow.imf.aux_v_head = True
+  config.objective.imf.share_r_equals_t = 0.5
+  config.objective.imf.adaptive_p = 1.0
+  config.objective.imf.adaptive_c = 0.01
+  config.objective.imf.s_max = 7.0
+  config.objective.imf.cfg_beta = 1.0
+  config.objective.imf.interval_split = 0.5
+  config.objective.imf.aux_v_head = True
 
   config.optimizer.learning_rate = 1e-4
   config.optimizer.lr_schedule = "constant"

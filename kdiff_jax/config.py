@@ -1,6 +1,7 @@
 """Config validation: one pure function of the config, run before anything is built or compiled.
 
   validate(config)              raises ValueError naming the field, its value and what it must be
+                                (once per config: a config it accepted is not checked again)
   check_resume(saved, config)   the changes since a checkpoint, refusing those that alter it
 
 Every field must exist in the schema (`schema.defaults()`; an unknown one is named with the
@@ -91,9 +92,19 @@ def check(config) -> None:
     raise ValueError(f"training.spike_factor={training.spike_factor}: 0 (off) or > 1")
 
 
+# The configs `validate` accepted, by content (every field's repr, and the registered objectives):
+# a run validates its config once at start (main.py), and the library's entry points that guard
+# against a bad config themselves (train_state.setup, generation.generate, export) find it here
+# instead of checking it, and building its sampling plan, again.
+_ACCEPTED = set()
+
+
 def validate(config) -> None:
   """Raise ValueError naming the first unknown field, invalid value or impossible combination."""
   values = schema.flatten(config)
+  key = (repr(sorted(values.items())), tuple(objectives.MODULES))
+  if key in _ACCEPTED:
+    return
   schema.check_field_names(values)
   for path, rule in all_rules().items():
     if not rule(values[path]):
@@ -101,6 +112,7 @@ def validate(config) -> None:
   check(config)
   for registry in REGISTRIES:
     registry.check(config)
+  _ACCEPTED.add(key)
 
 
 def changes(saved, config) -> dict:

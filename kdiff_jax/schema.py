@@ -1,25 +1,21 @@
-"""The config schema: every field a run reads, with its default, and the vocabulary of rules.
+"""The config schema: every field a run reads, with its default.
 
 `defaults()` is the base config, in sections (data, model, objective, optimizer, training,
 sampling, mesh, eval, checkpoint, export); `configs/` experiments start from it and override a
 few fields. A field that is not here does not exist: `config.validate` rejects it, naming the
-known fields. Each registry (data, models, objectives, sampling, parallel) states the rules of
-its own section with the constructors below; `config.validate` applies them all before anything
-is built or compiled.
-
-  Rule           a predicate with the words that say what it accepts ("one of [...]", "> 0")
-  one_of(...)    a value from a fixed list
-  number(...)    a finite int or float within bounds (integer=True: an int)
-  boolean()      True or False
-  text()         a string
-  pairs(...)     a tuple of (lo, hi) that must satisfy lo <= hi (or lo < hi)
+known fields. Each objective's own section (objective.imm, objective.tvm, ...) comes from its
+module through the registry (`objectives.sections`), so a registered objective brings its
+fields. Each registry (data, models, objectives, sampling, parallel) states the rules of its
+own section with the vocabulary of kdiff_jax/rules.py (named here too, for the registries that
+read it from here); `config.validate` applies them all before anything is built or compiled.
 """
-import dataclasses
 import difflib
-import math
-from typing import Any, Callable
 
 import ml_collections
+
+from kdiff_jax import objectives
+from kdiff_jax.rules import (Rule, boolean, interval, number, one_of,  # noqa: F401 (vocabulary)
+                             sequence, text)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -50,7 +46,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit | imf_dit (iMF, objective meanflow) | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
+  model.name = "dit"              # dit | imf_dit (objective imf) | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
   model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp; imf_dit: T | XS | B | M | L | XL
   model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit: also 16 | 32; unet: 1 (no patches)
   model.mlp_ratio = 4.0
@@ -75,7 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow | imm | kdiff | meanflow | tvm
+  objective.name = "flow"         # flow | imm | kdiff | meanflow | imf | tvm, or a registered one
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity
@@ -87,63 +83,10 @@ def defaults() -> ml_collections.ConfigDict:
   objective.noise_std = 1.0       # n ~ N(0, noise_std^2 I)
   objective.label_dropout = 0.1   # probability of the null label (classifier-free guidance)
   objective.min_divisor = 0.0     # clamp of divisions by sigma / alpha / Delta near the ends (JiT: 0.05)
-  # objective.name = imm (docs/objectives/imm.md): sigma_d = noise_std (0.5), [eps, T] = [t_min, t_max];
-  # needs model.second_time_embedder = True.
-  objective.imm = imm = ml_collections.ConfigDict()
-  imm.group_size = 4              # M particles per group, one (s, r, t) per group
-  imm.k = 12                      # r(s,t): eta decrement (eta(T) - eta(eps))/2^k (ImageNet 12, CIFAR 15)
-  imm.delta = 0.0                 # minimum gap t - r (1e-4 when training in low precision)
-  imm.f_type = "euler_fm"         # euler_fm | simple_edm | identity: the one-step map f_{s,t}
-  imm.kernel = "laplace"          # laplace | rbf
-  imm.bandwidth = 1.0             # c, the kernel scale multiple (1: the paper): laplace exp(-d/(c |c_out| D)),
-                                  # rbf exp(-d^2/(2 h^2)) with h = c |c_out(s,t)| sqrt(D)
-  imm.estimator = "v"             # MMD^2 per group: v (all M x M pairs, the paper) | u (pairs i != j, unbiased)
-  imm.a = 1.0                     # w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
-  imm.b = 4.0
-  imm.time_conditioning = "identity"  # the second time input: identity (s) | stride (t - s)
-  imm.drop_target_labels = False  # also give the target pass the dropped labels
-  imm.target_full_precision = True  # target pass in float32 whatever model.compute_dtype
-  # objective.name = kdiff (docs/objectives/kdiff.md): u = k·x - (1-k)·n scored as a velocity with the clamp
-  # objective.min_divisor (0.05); k = sigmoid(w_k), w_k trained with the net (no decay, in the EMA).
-  objective.kdiff = kdiff = ml_collections.ConfigDict()
-  kdiff.learnable = True          # False: k fixed at k_init (0 = eps, 0.5 = v, 1 = x baselines)
-  kdiff.k_init = 0.5              # learnable: k_init in (0, 1)
-  kdiff.w_k_scale = 1.0           # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
-  kdiff.time_dependent = False    # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
-  # objective.name = meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
-  # (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
-  # model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1.
-  objective.meanflow = meanflow = ml_collections.ConfigDict()
-  meanflow.variant = "meanflow"   # meanflow | imf (improved MeanFlow: model.name = imf_dit; objectives/imf.py)
-  meanflow.share_r_equals_t = 0.75  # rows with r = t (no JVP term); a fraction n/m, m <= 64
-  meanflow.omega = 1.0            # guidance in training: v_g = omega·v + (1 - omega - kappa)·v_uncond
-  meanflow.kappa = 0.5            #   + kappa·v_cond (effective scale omega/(1 - kappa)); omega = 1,
-  meanflow.guidance_interval = (0.0, 1.0)  # kappa = 0: off; only for t in this interval
-  meanflow.adaptive_p = 1.0       # loss L/sg((L + c)^p); p = 0: plain squared error
-  meanflow.adaptive_c = 0.01
-  meanflow.full_batch_jvp = False  # True: the authors' step (guidance forwards and JVP on every row)
-  # variant = imf: guidance omega and its interval are network inputs drawn per row; the fields
-  # omega, kappa, guidance_interval above stay at their defaults; iMF: share_r_equals_t = 0.5.
-  meanflow.imf = imf = ml_collections.ConfigDict()
-  imf.s_max = 7.0                 # omega on [1, 1 + s_max] (0: no guidance)
-  imf.cfg_beta = 1.0              # p(omega) ∝ omega^-cfg_beta (1: log-uniform)
-  imf.interval_split = 0.5        # t_min ~ U[0, split], t_max ~ U[split, 1] ([0, 1] on r = t rows)
-  imf.aux_v_head = True           # the v head (its loss; guidance and the JVP tangent from it); False: u at h = 0
-  # objective.name = tvm (Terminal Velocity Matching, objectives/tvm.py): rectified flow, a DiT
-  # with model.second_time_embedder (h = t - s) and model.guidance_embedder (beta = 1/cfg);
-  # labels dropped with objective.label_dropout (those rows get beta = 1).
-  objective.tvm = tvm = ml_collections.ConfigDict()
-  tvm.gap_mean = -0.8             # gap l = t - s: sigmoid(N(gap_mean, gap_std))
-  tvm.gap_std = 1.0
-  tvm.s_mean = -0.4               # s: logit-normal N(s_mean, s_std) truncated to s <= 1 - l; s' untruncated
-  tvm.s_std = 1.0
-  tvm.cfg_draw = "fixed"          # beta = 1/cfg: fixed (cfg) | range (1/U[min_cfg, max_cfg]) | uniform (U(0, 1])
-  tvm.cfg = 2.0
-  tvm.min_cfg = 1.0
-  tvm.max_cfg = 4.0
-  tvm.scale_output = True         # output scale a = 1/beta (the official do_scale_param); False: a = 1
-  tvm.teacher_decay = 0.99        # the teacher: an EMA of the online weights (not training.ema_decays)
-  tvm.detach_jvp = False          # True: no gradient through dF/ds (the official option; off in its configs)
+  # Each objective's own section, objective.<name> (its defaults and rules live in its module,
+  # kdiff_jax/objectives/<name>.py, gathered by the registry).
+  for name, section in objectives.sections().items():
+    objective[name] = section
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()
@@ -256,8 +199,9 @@ def flatten(config, prefix: str = "") -> dict:
 
 
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """A config saved as JSON (a checkpoint's) over `defaults()`: lists become tuples again, and
-  fields added to the schema since keep their defaults."""
+  """A config saved as JSON (a checkpoint's) over `defaults()`: lists become tuples again,
+  fields added to the schema since keep their defaults, and an objective's older spelling is
+  brought up to date (`objectives.upgrade`, e.g. iMF saved as MeanFlow's variant)."""
   def tuples(value):
     if isinstance(value, dict):
       return {key: tuples(v) for key, v in value.items()}
@@ -266,7 +210,7 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     return value
 
   config = defaults()
-  config.update(tuples(saved))
+  config.update(tuples(objectives.upgrade(saved)))
   return config
 
 
@@ -290,78 +234,3 @@ def check_field_names(paths) -> None:
     listed = (f"known fields of {section!r}: {siblings}" if siblings else
               f"known sections: {sorted(p for p in sections if '.' not in p)}")
     raise ValueError(f"unknown config field {path!r}{hint} ({listed})")
-
-
-# --- rules ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """accepts(value) -> bool; `text` completes "must be ..." in the error message."""
-
-  accepts: Callable[[Any], bool]
-  text: str
-
-  def __call__(self, value) -> bool:
-    try:
-      return bool(self.accepts(value))
-    except (TypeError, ValueError):
-      return False
-
-
-def one_of(*allowed) -> Rule:
-  return Rule(lambda v: any(v == a and type(v) is type(a) for a in allowed),
-              f"one of {list(allowed)}")
-
-
-def _is_number(value, integer: bool, finite: bool) -> bool:
-  if isinstance(value, bool):
-    return False
-  if integer:
-    return isinstance(value, int)
-  return isinstance(value, (int, float)) and not math.isnan(value) and (
-      math.isfinite(value) or not finite)
-
-
-def number(low=None, high=None, *, low_open: bool = False, high_open: bool = False,
-           integer: bool = False, finite: bool = True, note: str = "") -> Rule:
-  """A finite number (an int if integer; +-inf allowed if not finite) in [low, high]; open ends
-  where low_open / high_open."""
-  def accepts(v):
-    return (_is_number(v, integer, finite)
-            and (low is None or (v > low if low_open else v >= low))
-            and (high is None or (v < high if high_open else v <= high)))
-  kind = "an int" if integer else ("a finite number" if finite else "a number (inf allowed)")
-  if low is not None and high is not None:
-    bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-  elif low is not None:
-    bounds = f" {'>' if low_open else '>='} {low:g}"
-  elif high is not None:
-    bounds = f" {'<' if high_open else '<='} {high:g}"
-  else:
-    bounds = ""
-  return Rule(accepts, kind + bounds + (f" ({note})" if note else ""))
-
-
-def boolean() -> Rule:
-  return Rule(lambda v: isinstance(v, bool), "True or False")
-
-
-def text() -> Rule:
-  return Rule(lambda v: isinstance(v, str), "a string")
-
-
-def sequence(item: Rule, *, length: int | None = None, min_length: int = 0) -> Rule:
-  """A tuple whose entries each pass `item` (of exactly `length` entries, if given)."""
-  def accepts(v):
-    return (isinstance(v, tuple) and (length is None or len(v) == length)
-            and len(v) >= min_length and all(item(x) for x in v))
-  size = f"{length} " if length is not None else (f"at least {min_length} " if min_length else "")
-  return Rule(accepts, f"a tuple of {size}entries, each {item.text}")
-
-
-def interval(item: Rule, *, strict: bool = False) -> Rule:
-  """A pair (lo, hi) of `item`s with lo <= hi (lo < hi if strict)."""
-  def accepts(v):
-    return (isinstance(v, tuple) and len(v) == 2 and item(v[0]) and item(v[1])
-            and (v[0] < v[1] if strict else v[0] <= v[1]))
-  return Rule(accepts, f"a pair (lo, hi) with lo {'<' if strict else '<='} hi, each {item.text}")

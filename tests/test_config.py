@@ -6,10 +6,12 @@ import re
 
 import pytest
 
-from configs import digits_fm, imm_digits, kdiff_digits
+from configs import digits_fm, imf_digits, imm_digits, kdiff_digits, meanflow_digits, tvm_digits
 from kdiff_jax import config as config_lib, schema
 
-BASES = {"flow": digits_fm.get_config, "kdiff": kdiff_digits.get_config, "imm": imm_digits.get_config}
+BASES = {"flow": digits_fm.get_config, "kdiff": kdiff_digits.get_config, "imm": imm_digits.get_config,
+         "meanflow": meanflow_digits.get_config, "imf": imf_digits.get_config,
+         "tvm": tvm_digits.get_config}
 NAN, INF = math.nan, math.inf
 
 # (objective, {field: value}, regex of the message). The first group is every bad input of the
@@ -126,7 +128,13 @@ CASES = [
     ("flow", {"training.spike_factor": 0.5}, r"training.spike_factor=0.5: 0 \(off\) or > 1"),
     ("flow", {"training.per_step_metrics": (3,)}, r"training.per_step_metrics=\(3,\): must be a tuple of entries, each a string"),
     # --- sampling
-    ("flow", {"sampling.method": "nope"}, r"sampling.method='nope': must be one of \['euler'.*'pushforward', 'restart'"),
+    ("flow", {"sampling.method": "nope"}, r"sampling.method='nope': objective.name='flow' samples with one of \['euler'"),
+    ("meanflow", {"sampling.method": "heun"}, r"sampling.method='heun': objective.name='meanflow' samples with one of \['mean_flow'\]"),
+    ("imf", {"sampling.guidance_scale": 9.0}, r"sampling.guidance_scale=9.0: iMF's network was trained on omega in \[1, 1 \+ objective.imf.s_max\] = \[1, 8.0\]"),
+    ("tvm", {"sampling.guidance_interval": (0.2, 1.0)}, r"sampling.guidance_interval=\(0.2, 1.0\): TVM's guidance is trained into every step"),
+    ("imf", {"objective.imf.interval_split": 0.0}, r"objective.imf.interval_split=0.0: must be a finite number in \(0, 1\)"),
+    ("tvm", {"objective.tvm.cfg_draw": "normal"}, r"objective.tvm.cfg_draw='normal': must be one of \['fixed', 'range', 'uniform'\]"),
+    ("meanflow", {"objective.meanflow.kappa": 1.0}, r"objective.meanflow.kappa=1.0: must be a finite number in \[0, 1\)"),
     ("imm", {"sampling.method": "heun"}, r"sampling.method='heun': objective.name='imm' samples with one of \['pushforward', 'restart'\]"),
     ("flow", {"sampling.method": "pushforward"}, r"sampling.method='pushforward': objective.name='flow' samples with one of \['euler'"),
     ("kdiff", {"sampling.method": "restart"}, r"sampling.method='restart': objective.name='kdiff' samples with one of"),
@@ -229,3 +237,25 @@ def test_resume_refuses_what_alters_the_run_and_allows_the_rest():
                                          rf"--allow_config_change={path}"):
       config_lib.check_resume(saved, new, step=1000)
     assert path in config_lib.check_resume(saved, new, step=1000, allowed=(path,))
+
+
+def test_a_config_is_checked_once_and_again_when_it_changes(monkeypatch):
+  """validate remembers what it accepted: the library's own guards after main.py's validation
+  (train_state.setup, generation, export) do not check, nor build the sampling plan, again."""
+  from kdiff_jax import sampling
+  calls = []
+  check = sampling.check
+  monkeypatch.setattr(sampling, "check", lambda config: calls.append(1) or check(config))
+  config = digits_fm.get_config()
+  config.sampling.num_steps = 7   # a config no other test validated
+  config_lib.validate(config)
+  config_lib.validate(config)
+  assert len(calls) == 1
+  config.sampling.num_steps = 9
+  config_lib.validate(config)
+  assert len(calls) == 2
+  config.sampling.num_steps = 0
+  with pytest.raises(ValueError, match="sampling.num_steps=0"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="sampling.num_steps=0"):
+    config_lib.validate(config)   # a refused config is refused every time

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default, imm_digits, meanflow_digits
+from configs import default, imf_digits, imm_digits, meanflow_digits, tvm_digits
 from kdiff_jax import checkpoint, models, objectives, parallel, sampling, schedules, state, train
 from kdiff_jax.export import checkpoints, convert, weight_files
 from kdiff_jax.models import dit, jit
@@ -185,8 +185,7 @@ def _torch_sample(torch_load, torch_sampling, config, params, noise, labels):
               sampling=checkpoints.sampling_meta(config, description),
               weights=dict(safetensors="ema"))
   meta = json.loads(json.dumps(meta))  # what a PyTorch user reads back
-  module = _load(torch_load.build(meta["model"]),
-                 convert.to_torch(params["net"], checkpoints.pos_embed(config)))
+  module = _load(torch_load.build(meta["model"]), checkpoints.net_to_torch(config, params["net"]))
   out = torch_sampling.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
                               torch.from_numpy(labels))
   return out.permute(0, 2, 3, 1).numpy()
@@ -248,6 +247,49 @@ def test_mean_flow_samples_match_jax(torch_load, torch_sampling, num_steps):
   error = np.max(np.abs(expected - got))
   print(f"MeanFlow {num_steps} step(s): max error {error:.2e}")
   assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+
+
+@pytest.mark.parametrize("num_steps, cfg, scale_output", [(1, 2.0, True), (2, 1.5, False),
+                                                         (4, 2.0, True)])
+def test_tvm_samples_match_jax(torch_load, torch_sampling, num_steps, cfg, scale_output):
+  """TVM in PyTorch: x <- x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg), a = cfg with
+  scale_output, against sampling.build's JAX sampler on 1, 2 and 4 steps."""
+  config = tvm_digits.get_config()
+  config.model.size = "T"
+  config.sampling.num_steps, config.sampling.guidance_scale = num_steps, cfg
+  config.objective.tvm.scale_output = scale_output
+  net, sampler = _sampler_setup(config)
+  noise, labels = _noise_and_labels(config)
+  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"TVM {num_steps} step(s), cfg {cfg}: max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+
+
+@pytest.mark.parametrize("num_steps, omega, interval", [(1, 3.0, (0.3, 0.7)), (2, 1.5, (0.0, 1.0))])
+def test_imf_samples_match_jax(torch_load, torch_sampling, num_steps, omega, interval):
+  """iMF in PyTorch: z <- z - (t - r)·u(z, h = t - r, ω, interval, y), ω and the interval the
+  export's sampling settings, against sampling.build's JAX sampler."""
+  config = imf_digits.get_config()
+  config.model.size = "T"
+  config.sampling.num_steps, config.sampling.guidance_scale = num_steps, omega
+  config.sampling.guidance_interval = interval
+  net, sampler = _sampler_setup(config)
+  noise, labels = _noise_and_labels(config)
+  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"iMF {num_steps} step(s), omega {omega}, interval {interval}: max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+
+
+def test_an_objective_without_a_torch_sampler_is_refused_by_name(torch_sampling):
+  meta = dict(objective=dict(name="shortcut", schedule="rectified_flow"),
+              sampling=dict(method="euler", times=[1.0, 0.0], t_start=1.0, t_end=0.0,
+                            guidance_scale=1.0, guidance_interval=[0.0, 1.0]))
+  with pytest.raises(ValueError, match="objective 'shortcut': no PyTorch sampler samples it"):
+    torch_sampling.sample(None, meta, None, None)
 
 
 def _ode_config(name, **objective):

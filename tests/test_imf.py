@@ -17,8 +17,7 @@ SHAPE = (8, 8, 1)
 
 def imf_config():
   config = tiny_config()
-  config.objective.meanflow.variant = "imf"
-  config.objective.meanflow.share_r_equals_t = 0.5
+  config.objective.imf.share_r_equals_t = 0.5
   config.objective.time_sampling = "logit_normal"
   config.objective.logit_normal_mean, config.objective.logit_normal_std = -0.4, 1.0
   config.sampling.guidance_scale = 3.0
@@ -99,8 +98,8 @@ def test_cheaper_step_equals_the_official_full_batch_step(aux_v_head):
   results = []
   for full in (True, False):
     config = imf_config()
-    config.objective.meanflow.full_batch_jvp = full
-    config.objective.meanflow.imf.aux_v_head = aux_v_head
+    config.objective.imf.full_batch_jvp = full
+    config.objective.imf.aux_v_head = aux_v_head
     model, net = _net(config)
     example_losses = imf.make_example_losses(config, model.apply)
     x, labels, draws = _draws()
@@ -125,7 +124,7 @@ def test_guided_velocity_and_compound_against_direct_calls():
   """v_g and V row by row from separate network calls: v_c at (ω_w, y), v_u at (1, null), the
   JVP tangent v_c (not v_g), the main pass at the drawn ω and interval with the dropped label."""
   config = imf_config()
-  config.objective.meanflow.full_batch_jvp = True
+  config.objective.imf.full_batch_jvp = True
   model, net = _net(config)
   x, labels, d = _draws()
   losses = jax.jit(imf.make_example_losses(config, model.apply))(net, x, labels, d)
@@ -167,7 +166,7 @@ def test_du_dt_matches_a_float64_finite_difference():
   float64 on a float64 network."""
   with jax.enable_x64(True):
     config = imf_config()
-    config.objective.meanflow.full_batch_jvp = True
+    config.objective.imf.full_batch_jvp = True
     model = imf_dit.ImfDiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2,
                            num_heads=2, head_depth=1, num_classes=10, dtype=jnp.float64,
                            rngs=nnx.Rngs(0))
@@ -210,7 +209,7 @@ def test_config_validates_and_the_objective_builds():
   config_lib.validate(config)
   objective = objectives.build(config, state.build_model(config).apply)
   assert objectives.module(config) is imf and objective.group_size == 2
-  assert isinstance(objective.description, meanflow.AverageVelocity)
+  assert objective.description == imf.describe(config)
   loss, metrics = jax.jit(objective.loss)(
       {"net": _net(config)[1]}, {"image": jnp.zeros((4,) + SHAPE), "label": jnp.arange(4)},
       jax.random.key(0))
@@ -222,10 +221,10 @@ def test_config_validates_and_the_objective_builds():
     ("sampling.guidance_scale", 9.0, r"sampling.guidance_scale=9.0.*\[1, 8.0\]"),
     ("sampling.guidance_interval", (0.6, 0.9), r"sampling.guidance_interval=\(0.6, 0.9\).*t_min in \[0, 0.5\]"),
     ("sampling.guidance_interval", (0.1, 0.4), r"sampling.guidance_interval=\(0.1, 0.4\)"),
-    ("objective.meanflow.kappa", 0.0, r"objective.meanflow.kappa=0.0.*leave it at 0.5"),
-    ("objective.meanflow.imf.interval_split", 1.0, r"objective.meanflow.imf.interval_split"),
-    ("objective.meanflow.imf.s_max", -1.0, r"objective.meanflow.imf.s_max"),
-    ("objective.meanflow.variant", "other", r"objective.meanflow.variant='other'.*'imf'"),
+    ("objective.imf.interval_split", 1.0, r"objective.imf.interval_split"),
+    ("objective.imf.s_max", -1.0, r"objective.imf.s_max"),
+    ("objective.imf.share_r_equals_t", 0.333, r"objective.imf.share_r_equals_t=0.333.*fraction"),
+    ("objective.name", "other", r"objective.name='other'.*'imf'"),
 ])
 def test_config_refusals(field, value, message):
   config = imf_config()
@@ -252,8 +251,7 @@ def test_sampler_feeds_guidance_and_interval_to_the_network(num_steps):
   config = imf_config()
   config.sampling.num_steps = num_steps
   model, net = _net(config)
-  description = meanflow.describe(config)
-  sample = sampling.build(config, description, model.apply)
+  sample = sampling.build(config, imf.describe(config), model.apply)
   noise = jax.random.normal(jax.random.key(3), (4,) + SHAPE)
   labels = jnp.array([1, 4, 7, 9])
   got = jax.jit(sample)({"net": net}, noise, labels, jax.random.key(0))

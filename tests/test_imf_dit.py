@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from kdiff_jax import parallel
-from kdiff_jax.export import convert, torch_imf_dit
+from kdiff_jax.export import convert, torch_imf_dit, torch_sampling
 from kdiff_jax.models import imf_dit, layers
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=3, num_heads=2,
@@ -298,10 +298,9 @@ def test_torch_twin_samples_the_same(num_steps):
     u = nnx.merge(graphdef, state)(z, jnp.full((4,), t), labels, s=h, guidance=omega,
                                    interval=interval)
     z = z - h[:, None, None, None] * u
-  torch_z = torch_imf_dit.sample_mean_flow(
+  torch_z = torch_sampling.sample_mean_flow(
       twin, torch.from_numpy(np.asarray(noise)).permute(0, 3, 1, 2),
-      torch.from_numpy(np.asarray(labels)), num_steps, guidance_scale=omega,
-      guidance_interval=interval)
+      torch.from_numpy(np.asarray(labels)), times, guidance=omega, interval=interval)
   np.testing.assert_allclose(torch_z.permute(0, 2, 3, 1).numpy(), z, atol=1e-5)
   assert float(jnp.max(jnp.abs(z - noise))) > 1e-3
 
@@ -315,7 +314,7 @@ def tiny_config():
   config.data.num_classes = 10
   config.model.name, config.model.size, config.model.patch_size = "imf_dit", "T", 2
   config.model.second_time_embedder, config.model.time_scale = True, 1.0
-  config.objective.name, config.objective.schedule = "meanflow", "rectified_flow"
+  config.objective.name, config.objective.schedule = "imf", "rectified_flow"
   config.sampling.method = "mean_flow"
   return config
 
@@ -343,7 +342,7 @@ def test_built_from_config_and_applied_through_state():
 @pytest.mark.parametrize("field, value, message", [
     ("model.time_scale", 1000.0, "model.time_scale=1000.0.*set model.time_scale=1.0"),
     ("model.second_time_embedder", False, "set model.second_time_embedder=True"),
-    ("objective.name", "flow", "objective.name='meanflow', not 'flow'"),
+    ("objective.name", "flow", "sampling.method='mean_flow': objective.name='flow' samples with"),
     ("model.size", "S", r"model.size='S'.*imf_dit.*\['T', 'XS', 'B', 'M', 'L', 'XL'\]"),
 ])
 def test_config_refusals(field, value, message):

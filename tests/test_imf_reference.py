@@ -65,8 +65,8 @@ def reference_losses(x, labels, d, *, aux, p, c):
 def test_loss_from_fixed_draws_matches_a_float64_reference(full_batch_jvp, aux_v_head):
   config = imf_digits.get_config()
   config.objective.label_dropout = 0.25
-  config.objective.meanflow.full_batch_jvp = full_batch_jvp
-  config.objective.meanflow.imf.aux_v_head = aux_v_head
+  config.objective.imf.full_batch_jvp = full_batch_jvp
+  config.objective.imf.aux_v_head = aux_v_head
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(32, 4, 4, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, CLASSES, size=32))
@@ -75,8 +75,8 @@ def test_loss_from_fixed_draws_matches_a_float64_reference(full_batch_jvp, aux_v
   as_np = {k: np.asarray(v, np.float64 if np.asarray(v).dtype.kind == "f" else None)
            for k, v in vars(draws).items()}
   loss, error_u, error_v = reference_losses(np.asarray(x, np.float64), np.asarray(labels), as_np,
-                              aux=aux_v_head, p=config.objective.meanflow.adaptive_p,
-                              c=config.objective.meanflow.adaptive_c)
+                              aux=aux_v_head, p=config.objective.imf.adaptive_p,
+                              c=config.objective.imf.adaptive_c)
   # The draws exercise every branch: dropped rows, rows outside their interval, r = t and r < t.
   t, r = as_np["t"], as_np["r"]
   outside = (t < as_np["t_min"]) | (t > as_np["t_max"])

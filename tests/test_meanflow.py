@@ -355,7 +355,7 @@ def test_one_step_with_the_exact_average_velocity_lands_on_the_data():
     ("objective.meanflow.adaptive_c", 0.0, "objective.meanflow.adaptive_c"),
     ("objective.meanflow.adaptive_p", -1.0, "objective.meanflow.adaptive_p"),
     ("objective.logit_normal_std", 0.0, "objective.logit_normal_std"),
-    ("objective.meanflow.variant", "shortcut", "objective.meanflow.variant"),
+    ("objective.name", "shortcut", "objective.name='shortcut'"),
     ("model.second_time_embedder", False, "model.second_time_embedder=True"),
     ("objective.schedule", "cosine", "objective.schedule='cosine'"),
     ("sampling.guidance_scale", 2.0, "sampling.guidance_scale=2.0"),

@@ -14,8 +14,9 @@ Torch side (torch, numpy and safetensors; needs no JAX), one twin per network of
   torch_dit.py       the twin of models/dit.py (DiT, its adaLN-Zero block and final layer)
   torch_jit.py       the twin of models/jit.py (JiT)
   torch_unet.py      the twin of models/unet.py (SongUNet, EDM's names)
-  torch_imf_dit.py   the twin of models/imf_dit.py (iMF's in-context DiT and its sampler)
-  torch_sampling.py  the torch schedule, to_x_eps and the exported samplers (flow ODE, IMM)
+  torch_imf_dit.py   the twin of models/imf_dit.py (iMF's in-context DiT)
+  torch_sampling.py  the torch schedule, to_x_eps and every exported sampler (flow ODE, IMM,
+                     MeanFlow, iMF, TVM), dispatched by the name the export gives
   torch_load.py      build / load an export's module from its JSON and .safetensors
 
 main.py runs them: --mode=export and --mode=import.

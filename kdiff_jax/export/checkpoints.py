@@ -35,7 +35,8 @@ from kdiff_jax import sampling, state, train_state
 from kdiff_jax.export import convert, pretrained
 from kdiff_jax.models import dit, imf_dit, jit, unet
 
-FORMAT = "kdiff_jax.export/1"
+# 2: objective.torch_sampler names the PyTorch sampler; iMF is objective.name = "imf".
+FORMAT = "kdiff_jax.export/2"
 
 
 def model_spec(config) -> dict:
@@ -104,34 +105,19 @@ def sampling_meta(config, description) -> dict:
 
 
 def objective_meta(config, description, params_by_weights: dict) -> dict:
-  """Schedule, sigma_d (noise_std), and the trained network's description: the prediction (and
-  k-Diff's k) of a denoiser, or IMM's map and time conditioning.
+  """Schedule, sigma_d (noise_std), the name of the PyTorch sampler (`torch_sampler`, absent
+  where none samples the objective) and what the description says of the trained network
+  (`description.export`: a denoiser's prediction and k-Diff's k, IMM's map and time
+  conditioning, TVM's output scale).
 
   params_by_weights: {'model': raw params, 'ema': EMA params (if any)}, for k-Diff's learned k.
   """
   cfg = config.objective
   meta = dict(name=cfg.name, schedule=cfg.schedule, noise_std=cfg.noise_std,
               min_divisor=cfg.min_divisor)
-  if isinstance(description, objectives.OneStepMap):
-    meta["imm"] = dict(f_type=description.f_type,
-                       time_conditioning=description.time_conditioning)
-    return meta
-  if isinstance(description, objectives.AverageVelocity):
-    # u(z, t, h = t - r, y) = the average velocity; one step z_r = z_t - (t - r)·u
-    meta["meanflow"] = dict(variant=cfg.meanflow.variant)
-    return meta
-  if isinstance(description, objectives.TerminalVelocity):
-    # F(x, t, h = t - s, y, guidance=beta); f_{s,t}(x) = x + (s - t)·a·F, a = cfg if scale_output
-    meta["tvm"] = dict(scale_output=description.scale_output)
-    return meta
-  meta["prediction"] = description.prediction
-  if description.k is not None:
-    # k as the objective computes it: a float, or for a time-dependent k its values at t = 0
-    # and t = 1 (its logit is linear in t).
-    t = np.array([0.0, 1.0]) if cfg.kdiff.time_dependent else None
-    k_of = lambda params: np.asarray(description.k(params, t), np.float64).tolist()
-    meta["kdiff"] = dict(time_dependent=cfg.kdiff.time_dependent,
-                         k={name: k_of(params) for name, params in params_by_weights.items()})
+  if description.torch_sampler is not None:
+    meta["torch_sampler"] = description.torch_sampler
+  meta.update(description.export(config, params_by_weights))
   return meta
 
 

@@ -1,5 +1,6 @@
 """PyTorch iMF DiT, the twin of models/imf_dit.py (improved MeanFlow's in-context DiT, after the
-facts of Lyy-iiis/imeanflow `models/imfDiT.py`), and its mean-flow sampler.
+facts of Lyy-iiis/imeanflow `models/imfDiT.py`); torch_sampling.sample_mean_flow samples it
+(ω and the interval as inputs).
 
 Module and parameter names are the official ones (h_embedder, omega_embedder,
 cfg_t_start_embedder, cfg_t_end_embedder, y_embedder, class_tokens ... time_tokens,
@@ -166,20 +167,3 @@ class ImfDiT(nn.Module):
 
     u = head(self.u_heads, self.u_final_layer)
     return (u, head(self.v_heads, self.v_final_layer)) if v_head else u
-
-
-@torch.no_grad()
-def sample_mean_flow(model, noise, labels, num_steps: int = 1, *, guidance_scale: float = 1.0,
-                     guidance_interval=(0.0, 1.0), t_start: float = 1.0, t_end: float = 0.0):
-  """iMF sampling: z <- z - (t - r)·u(z, h = t - r, ω, [t_min, t_max], y) on
-  linspace(t_start, t_end, num_steps + 1), ω and the interval network inputs (one pass per step;
-  the v head is not run). noise [N, C, H, W] at t_start."""
-  times = np.linspace(t_start, t_end, num_steps + 1)
-  z = noise.float()
-  batch = z.shape[0]
-  as32 = lambda v: torch.full((batch,), v, dtype=torch.float32, device=z.device)
-  for t, r in zip(times[:-1], times[1:]):
-    h = as32(t) - as32(r)  # in float32, as the JAX sampler computes it
-    u = model(z, as32(t), labels, h, guidance=guidance_scale, interval=tuple(guidance_interval))
-    z = z - h[:, None, None, None] * u
-  return z

@@ -6,7 +6,10 @@ parameterization.to_x_eps and the samplers an export names.
                  score, k-Diff's u_k)
   sample_ode     Euler / Heun in t on the probability-flow velocity (flow matching, k-Diff)
   sample_imm     IMM's pushforward x <- f_{s,t}(x)
-  sample         either, with an export's settings (its JSON's 'sampling' and 'objective')
+  sample_mean_flow  MeanFlow's z <- z - (t - r)·u (iMF's with ω and the interval as inputs)
+  sample_tvm     TVM's x <- x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg)
+  sample         the one an export names (SAMPLERS, by its JSON's objective.torch_sampler),
+                 with its settings (its JSON's 'sampling' and 'objective')
 
 The network sees `Schedule.network_time(t)` and classifier-free guidance with the null label
 (conventions in torch_dit.py). torch and numpy only, no JAX.
@@ -224,15 +227,34 @@ def sample_imm(model, noise, labels, times, *, f_type: str = "euler_fm",
 
 
 @torch.no_grad()
-def sample_mean_flow(model, noise, labels, times):
-  """MeanFlow (Geng et al. 2025): z <- z - (t - r)·u(z, t, h = t - r, y) down the decreasing
-  times (one model call a step; guidance is trained into u). noise [N, C, H, W] at times[0]."""
+def sample_mean_flow(model, noise, labels, times, **conditioning):
+  """MeanFlow (Geng et al. 2025, Alg. 2): z <- z - (t - r)·u(z, t, h = t - r, y, **conditioning)
+  down the decreasing times (one model call a step; guidance is trained into u). noise
+  [N, C, H, W] at times[0]; t - r in float32, as the JAX sampler computes it."""
   z = noise.float()
   as32 = lambda value: torch.full((z.shape[0],), value, dtype=torch.float32, device=z.device)
   for t, r in zip(times[:-1], times[1:]):
     t_, r_ = as32(t), as32(r)
-    z = z - (t_ - r_)[:, None, None, None] * model(z, t_, labels, t_ - r_)
+    z = z - (t_ - r_)[:, None, None, None] * model(z, t_, labels, t_ - r_, **conditioning)
   return z
+
+
+@torch.no_grad()
+def sample_tvm(model, noise, labels, times, *, cfg: float, scale_output: bool):
+  """Terminal Velocity Matching (lumalabs/tvm `generate_images.py`): x <- x + (s - t)·a·F(x, t,
+  h = t - s, y, guidance = beta) down the decreasing times, beta = 1/cfg, a = cfg with
+  scale_output (else 1); guidance is trained into F, one model call a step."""
+  if not cfg > 0:
+    raise ValueError(f"guidance_scale={cfg}: TVM feeds beta = 1/cfg, so it must be > 0")
+  x = noise.float()
+  as32 = lambda value: torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
+  beta, a = as32(1.0 / cfg), float(cfg) if scale_output else 1.0
+  for t, s in zip(times[:-1], times[1:]):
+    t_, s_ = as32(t), as32(s)
+    # (s - t)·a in float32 on the host value, as the JAX sampler's step (samplers/tvm.py)
+    step = torch.tensor(np.float32(s) - np.float32(t), dtype=torch.float32) * a
+    x = x + step * model(x, t_, labels, t_ - s_, guidance=beta)
+  return x
 
 
 def kdiff_k(objective_meta: dict, weights: str):
@@ -248,36 +270,96 @@ def kdiff_k(objective_meta: dict, weights: str):
   return lambda t: 1.0 / (1.0 + math.exp(-((1.0 - t) * logit_data + t * logit_noise)))
 
 
+# An export's sampler, by the name its JSON gives (meta['objective']['torch_sampler'], the
+# description's `torch_sampler`): fn(model, meta, noise, labels, *, method, times,
+# guidance_scale, weights) -> x at times[-1]. `register` adds one.
+SAMPLERS = {}
+
+
+def register(name: str, sampler: Callable) -> None:
+  """Let `sample` run exports whose JSON names `name` with `sampler` (signature above)."""
+  SAMPLERS[name] = sampler
+
+
+def _only(method: str, allowed: str, objective: str) -> None:
+  if method != allowed:
+    raise ValueError(f"method {method!r}: torch_sampling samples {objective} models with "
+                     f"{allowed!r}")
+
+
+def _ode(model, meta, noise, labels, *, method, times, guidance_scale, weights):
+  objective = meta["objective"]
+  return sample_ode(model, noise, labels, times, method=method, schedule=objective["schedule"],
+                    prediction=objective["prediction"],
+                    k=kdiff_k(objective, weights or meta["weights"]["safetensors"]),
+                    noise_std=objective["noise_std"], min_divisor=objective["min_divisor"],
+                    guidance_scale=guidance_scale,
+                    guidance_interval=tuple(meta["sampling"]["guidance_interval"]),
+                    null_label=meta["model"]["num_classes"])
+
+
+def _imm(model, meta, noise, labels, *, method, times, guidance_scale, weights):
+  del weights
+  objective = meta["objective"]
+  _only(method, "pushforward", "IMM")
+  return sample_imm(model, noise, labels, times, f_type=objective["imm"]["f_type"],
+                    schedule=objective["schedule"], sigma_d=objective["noise_std"],
+                    time_conditioning=objective["imm"]["time_conditioning"],
+                    guidance_scale=guidance_scale,
+                    guidance_interval=tuple(meta["sampling"]["guidance_interval"]),
+                    null_label=meta["model"]["num_classes"])
+
+
+def _mean_flow(model, meta, noise, labels, *, method, times, guidance_scale, weights):
+  del weights, guidance_scale   # trained into u (MeanFlow's config refuses a sampling scale)
+  _only(method, "mean_flow", "MeanFlow")
+  return sample_mean_flow(model, noise, labels, times)
+
+
+def _imf(model, meta, noise, labels, *, method, times, guidance_scale, weights):
+  """iMF: the network takes ω = guidance_scale and the interval [t_min, t_max] as inputs."""
+  del weights
+  _only(method, "mean_flow", "iMF")
+  return sample_mean_flow(model, noise, labels, times, guidance=guidance_scale,
+                          interval=tuple(meta["sampling"]["guidance_interval"]))
+
+
+def _tvm(model, meta, noise, labels, *, method, times, guidance_scale, weights):
+  del weights
+  _only(method, "tvm", "TVM")
+  return sample_tvm(model, noise, labels, times, cfg=guidance_scale,
+                    scale_output=meta["objective"]["tvm"]["scale_output"])
+
+
+for _name, _sampler in (("ode", _ode), ("imm", _imm), ("mean_flow", _mean_flow), ("imf", _imf),
+                        ("tvm", _tvm)):
+  register(_name, _sampler)
+
+
 def sample(model, meta: dict, noise, labels, *, method: str | None = None,
            num_steps: int | None = None, guidance_scale: float | None = None,
            weights: str | None = None):
   """Samples from an exported model with the export's sampler settings (meta['sampling']).
 
   noise: [N, C, H, W] at t_start, already scaled by meta['objective']['noise_std']; labels [N].
-  method: 'pushforward' (IMM), 'mean_flow' (MeanFlow) or 'euler' / 'heun' (flow, k-Diff); num_steps: a uniform grid in t
-  from t_start to t_end instead of the exported grid; weights: which weights `model` holds,
-  'ema' or 'model' (k-Diff's learned k differs), default that of the .safetensors.
+  The sampler is the one the export names (meta['objective']['torch_sampler'], `SAMPLERS`); an
+  objective without one is refused by name. method: 'euler' / 'heun' (flow, k-Diff),
+  'pushforward' (IMM), 'mean_flow' (MeanFlow, iMF) or 'tvm' (TVM); num_steps: a uniform grid in
+  t from t_start to t_end instead of the exported grid; guidance_scale: classifier-free
+  guidance, iMF's ω or TVM's cfg (β = 1/cfg); weights: which weights `model` holds, 'ema' or
+  'model' (k-Diff's learned k differs), default that of the .safetensors.
   """
   objective, sampling = meta["objective"], meta["sampling"]
-  method = method or sampling["method"]
+  name = objective.get("torch_sampler")
+  if name not in SAMPLERS:
+    raise ValueError(
+        f"objective {objective['name']!r}: no PyTorch sampler " +
+        (f"named {name!r} is registered (torch_sampling.register)" if name else
+         "samples it (its export names none; an export older than kdiff_jax.export/2 is "
+         "sampled after exporting it again)"))
   times = (sampling["times"] if num_steps is None else
            uniform_times(num_steps, sampling["t_start"], sampling["t_end"]))
-  guidance = dict(
+  return SAMPLERS[name](
+      model, meta, noise, labels, method=method or sampling["method"], times=times,
       guidance_scale=sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
-      guidance_interval=tuple(sampling["guidance_interval"]),
-      null_label=meta["model"]["num_classes"])
-  if objective["name"] == "meanflow" and objective["meanflow"]["variant"] == "meanflow":
-    if method != "mean_flow":
-      raise ValueError(f"method {method!r}: torch_sampling samples MeanFlow models with 'mean_flow'")
-    return sample_mean_flow(model, noise, labels, times)
-  if objective["name"] == "imm":
-    if method != "pushforward":
-      raise ValueError(f"method {method!r}: torch_sampling samples IMM models with 'pushforward'")
-    return sample_imm(model, noise, labels, times, f_type=objective["imm"]["f_type"],
-                      schedule=objective["schedule"], sigma_d=objective["noise_std"],
-                      time_conditioning=objective["imm"]["time_conditioning"], **guidance)
-  return sample_ode(model, noise, labels, times, method=method, schedule=objective["schedule"],
-                    prediction=objective["prediction"],
-                    k=kdiff_k(objective, weights or meta["weights"]["safetensors"]),
-                    noise_std=objective["noise_std"], min_divisor=objective["min_divisor"],
-                    **guidance)
+      weights=weights)

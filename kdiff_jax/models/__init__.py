@@ -21,9 +21,6 @@ ARCHITECTURES = {
 }
 MODELS = tuple(ARCHITECTURES)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Objectives that differentiate the network forward-mode (jax.jvp): a custom-VJP attention
-# kernel (model.attention='cudnn') has no JVP rule, so they need model.attention='xla'.
-JVP_OBJECTIVES = ("meanflow", "tvm")
 
 RULES = {
     "model.name": one_of(*MODELS),
@@ -52,7 +49,7 @@ RULES = {
 
 def check(config) -> None:
   """The network fits the data's shape, its size and patch exist, and the patch divides the image;
-  only the U-Net has dropout or may ignore labels (and then guidance has nothing to act on)."""
+  only the U-Net has dropout or may ignore labels (sampling.check then refuses guidance)."""
   model = config.model
   flat = config.data.name == "toy2d"
   if model.name != "unet" and model.dropout:
@@ -60,14 +57,6 @@ def check(config) -> None:
   if model.name != "unet" and not model.class_conditional:
     raise ValueError(f"model.class_conditional=False: model.name={model.name!r} always embeds "
                      "the label (only model.name='unet' can ignore it)")
-  if config.data.num_classes == 0 and config.sampling.guidance_scale != 1:
-    raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: the network "
-                     "ignores labels (data.num_classes=0: unconditional, no label embedding), so "
-                     "guidance has no condition to act on: set sampling.guidance_scale=1.0")
-  if not model.class_conditional and config.sampling.guidance_scale != 1:
-    raise ValueError(f"sampling.guidance_scale={config.sampling.guidance_scale}: the network "
-                     "ignores labels (model.class_conditional=False), so guidance would change "
-                     "nothing: set sampling.guidance_scale=1.0")
   if model.name == "mlp" and not flat:
     raise ValueError(f"model.name='mlp' takes flat points: data.name must be 'toy2d', not "
                      f"{config.data.name!r}")
@@ -98,8 +87,8 @@ def check(config) -> None:
 
 
 def check_attention(config) -> None:
-  """model.attention='cudnn' needs a transformer (dit, jit), bfloat16 compute and an objective
-  without jax.jvp (cuDNN's kernel has a custom VJP and no JVP rule)."""
+  """model.attention='cudnn' needs a transformer (dit, jit) and bfloat16 compute (an objective
+  that differentiates the network with jax.jvp refuses it too: objectives.check)."""
   model = config.model
   if model.attention == "xla":
     return
@@ -109,11 +98,6 @@ def check_attention(config) -> None:
   if model.compute_dtype != "bfloat16":
     raise ValueError(f"model.attention={model.attention!r} runs in half precision only: set "
                      f"model.compute_dtype='bfloat16' (not {model.compute_dtype!r}) or "
-                     "model.attention='xla'")
-  if config.objective.name in JVP_OBJECTIVES:
-    raise ValueError(f"model.attention={model.attention!r} cannot be used with "
-                     f"objective.name={config.objective.name!r}: it differentiates the network "
-                     "with jax.jvp, and cuDNN's attention has no JVP rule; set "
                      "model.attention='xla'")
 
 

@@ -1,17 +1,35 @@
-"""Training objectives: pure functions of (params, batch, rng), registered by name.
+"""Training objectives, one module per method, registered by name.
 
   objective = objectives.build(config, apply_fn)
   loss, metrics = objective.loss(params, batch, rng)
 
+A method is one module (or any object with these names), registered with
+`objectives.register(name, method)`; the package registers flow, kdiff, imm, meanflow, imf and
+tvm, and anyone may register another from outside:
+
+  defaults()        optional: a ConfigDict, the fields of its config section objective.<name>
+                    (gathered into schema.defaults() by `sections`)
+  RULES             {field of its section: rules.Rule}, e.g. {"group_size": number(1, integer=True)}
+  check(config)     its combinations, raising ValueError that names the field
+  describe(config)  the description of the trained network (below)
+  build(config, apply_fn)  dict(loss=..., description=..., and Objective's other fields)
+  JVP               optional, True: the loss differentiates the network with jax.jvp, so the
+                    network's attention must be model.attention='xla' (cuDNN's has no JVP rule)
+  upgrade(saved)    optional: an older spelling of its config (a checkpoint's JSON dict)
+                    rewritten to today's (`upgrade`)
+
 An `Objective` holds the loss, the initial values of any parameters it adds to the network's
 (k-Diff's w_k; merged into `params` next to `params['net']`), its `group_size` (examples that
 must stay together on one device: IMM's particle groups) and a `description` of what the
-trained network is, which `kdiff_jax.sampling` turns into a sampler:
+trained network is. The description answers for itself (`Description`): the sampling methods
+that fit it, its host plan, the sample function that kdiff_jax.sampling assembles from it, what
+the export's JSON says about it, and the name of its PyTorch sampler. The package's:
 
   flow.Denoiser     flow matching and k-Diff: the raw output is a `prediction` (x, eps, v,
                     velocity, score, or u_k with k-Diff's k(params, t)) on a schedule
   imm.OneStepMap    IMM: f_{s,t}(x_t) = c_skip·x_t + c_out·G(c_in·x_t, t, s) on a schedule
   meanflow.AverageVelocity  MeanFlow: u(z_t, r, t), one step z_r = z_t - (t - r)·u
+  imf.GuidedAverageVelocity  iMF: the same with guidance ω and its interval as network inputs
   tvm.TerminalVelocity  TVM: f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg)
 
 An objective with a `teacher_decay` (TVM) trains against a teacher, an EMA of the online weights
@@ -21,25 +39,43 @@ step, checkpointed) and hands to the loss: `loss(params, batch, rng, teacher=...
 `describe(config)` gives the description from the config alone (the config check uses it to
 match sampler and objective). The network is reached only through
 `apply_fn(net_params, x_t, t, labels, s=None, full_precision=False)` (full_precision runs it in
-float32 whatever model.compute_dtype says); objectives know nothing of meshes or samplers.
+float32 whatever model.compute_dtype says); objectives know nothing of meshes.
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from kdiff_jax import parameterization, schedules
 from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, tvm
-from kdiff_jax.schema import boolean, interval, number, one_of
+from kdiff_jax.rules import number, one_of
 
-Denoiser = flow.Denoiser
-OneStepMap = imm.OneStepMap
-AverageVelocity = meanflow.AverageVelocity
-TerminalVelocity = tvm.TerminalVelocity
+
+class Description(Protocol):
+  """What a trained network is, as sampling and export ask it (every description implements it).
+
+  methods                 the sampling.method values that sample it
+  check_sampling(config)  config.sampling's combinations it cannot sample (ValueError)
+  time_grid(config)       the float64 times config.sampling steps through (the export's)
+  plan(config)            the host-side plan of config.sampling (raises where it cannot run)
+  sampler(config, apply_fn, plan) -> sample(params, noise, labels, key), x at sampling.t_end
+  export(config, params_by_weights) -> its entries of the export JSON's 'objective'
+  torch_sampler           the name of its sampler in export/torch_sampling.py's SAMPLERS, or
+                          None where none samples it in PyTorch
+  """
+
+  methods: tuple
+  torch_sampler: str | None
+
+  def check_sampling(self, config) -> None: ...
+  def time_grid(self, config) -> Any: ...
+  def plan(self, config) -> Any: ...
+  def sampler(self, config, apply_fn, plan) -> Callable: ...
+  def export(self, config, params_by_weights: dict) -> dict: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   loss: Callable[..., Any]
-  description: Denoiser | OneStepMap | AverageVelocity | TerminalVelocity
+  description: Description
   extra_params: dict = dataclasses.field(default_factory=dict)
   group_size: int = 1
   teacher_decay: float | None = None   # an EMA teacher of the online weights (module docstring)
@@ -48,12 +84,14 @@ class Objective:
   full_precision_pass: bool = False
 
 
-MODULES = {"flow": flow, "imm": imm, "kdiff": kdiff, "meanflow": meanflow, "tvm": tvm}
 # The predictions a flow objective trains (u_k is k-Diff's, which sets it itself).
 FLOW_PREDICTIONS = tuple(p for p in parameterization.PREDICTIONS if p != "u_k")
+REQUIRED = ("RULES", "check", "describe", "build")
 
+# name -> the method (module); `register` adds to it.
+MODULES = {}
+# The rules of the fields every objective shares, then of each registered method's section.
 RULES = {
-    "objective.name": one_of(*MODULES),
     "objective.schedule": one_of(*schedules.SCHEDULES),
     "objective.prediction": one_of(*FLOW_PREDICTIONS),
     "objective.loss_target": one_of(*FLOW_PREDICTIONS),
@@ -65,72 +103,68 @@ RULES = {
     "objective.noise_std": number(0, low_open=True),
     "objective.label_dropout": number(0, 1, high_open=True),
     "objective.min_divisor": number(0),
-    "objective.imm.group_size": number(1, integer=True),
-    "objective.imm.k": number(0, integer=True),
-    "objective.imm.delta": number(0, 1, high_open=True),
-    "objective.imm.f_type": one_of(*imm.F_TYPES),
-    "objective.imm.kernel": one_of(*imm.KERNELS),
-    "objective.imm.bandwidth": number(0, low_open=True),
-    "objective.imm.estimator": one_of(*imm.ESTIMATORS),
-    "objective.imm.a": number(0),
-    "objective.imm.b": number(),
-    "objective.imm.time_conditioning": one_of(*imm.TIME_CONDITIONINGS),
-    "objective.imm.drop_target_labels": boolean(),
-    "objective.imm.target_full_precision": boolean(),
-    "objective.kdiff.learnable": boolean(),
-    "objective.kdiff.k_init": number(0, 1),
-    "objective.kdiff.w_k_scale": number(0, low_open=True),
-    "objective.kdiff.time_dependent": boolean(),
-    "objective.meanflow.variant": one_of(*meanflow.VARIANTS),
-    "objective.meanflow.share_r_equals_t": number(0, 1),
-    "objective.meanflow.omega": number(0),
-    "objective.meanflow.kappa": number(0, 1, high_open=True),
-    "objective.meanflow.guidance_interval": interval(number(0, 1)),
-    "objective.meanflow.adaptive_p": number(0),
-    "objective.meanflow.adaptive_c": number(0, low_open=True),
-    "objective.meanflow.full_batch_jvp": boolean(),
-    "objective.meanflow.imf.s_max": number(0),
-    "objective.meanflow.imf.cfg_beta": number(0),
-    "objective.meanflow.imf.interval_split": number(0, 1, low_open=True, high_open=True),
-    "objective.meanflow.imf.aux_v_head": boolean(),
-    "objective.tvm.gap_mean": number(),
-    "objective.tvm.gap_std": number(0, low_open=True),
-    "objective.tvm.s_mean": number(),
-    "objective.tvm.s_std": number(0, low_open=True),
-    "objective.tvm.cfg_draw": one_of(*tvm.CFG_DRAWS),
-    "objective.tvm.cfg": number(0, low_open=True),
-    "objective.tvm.min_cfg": number(0, low_open=True),
-    "objective.tvm.max_cfg": number(0, low_open=True),
-    "objective.tvm.scale_output": boolean(),
-    "objective.tvm.teacher_decay": number(0, 1, high_open=True),
-    "objective.tvm.detach_jvp": boolean(),
 }
 
 
+def register(name: str, method) -> None:
+  """Add the objective `name`: `method` is a module (or any object) with the names of the module
+  docstring; its section's defaults join schema.defaults() and its RULES config.validate."""
+  missing = [attribute for attribute in REQUIRED if not hasattr(method, attribute)]
+  if missing:
+    raise ValueError(f"objectives.register({name!r}, ...): the method lacks {missing}")
+  if name in MODULES and MODULES[name] is not method:
+    raise ValueError(f"objectives.register({name!r}, ...): {name!r} is registered already")
+  MODULES[name] = method
+  RULES["objective.name"] = one_of(*MODULES)
+  RULES.update({f"objective.{name}.{field}": rule for field, rule in method.RULES.items()})
+
+
+def sections() -> dict:
+  """{name: the default ConfigDict of objective.<name>} of every method that has a section."""
+  return {name: method.defaults() for name, method in MODULES.items()
+          if hasattr(method, "defaults")}
+
+
+def upgrade(saved: dict) -> dict:
+  """A saved config (a checkpoint's JSON dict) with every method's older spelling rewritten."""
+  for method in MODULES.values():
+    if hasattr(method, "upgrade"):
+      saved = method.upgrade(saved)
+  return saved
+
+
 def module(config):
-  """The module of config's objective: MODULES[objective.name], or objectives/imf.py for
-  MeanFlow's variant 'imf' (objective.meanflow.variant)."""
-  cfg = config.objective
-  if cfg.name == "meanflow" and cfg.meanflow.variant == "imf":
-    return imf
-  return MODULES[cfg.name]
+  """The method of config's objective (MODULES[objective.name])."""
+  name = config.objective.name
+  if name not in MODULES:
+    raise ValueError(f"objective.name={name!r}: allowed values are {sorted(MODULES)}")
+  return MODULES[name]
 
 
 def check(config) -> None:
-  """[t_min, t_max] is an interval, and the named objective's own combinations hold."""
+  """[t_min, t_max] is an interval, a JVP objective's network has attention jax.jvp goes
+  through, and the named objective's own combinations hold."""
   cfg = config.objective
   if cfg.t_min >= cfg.t_max:
     raise ValueError(f"objective.t_min={cfg.t_min} must be < objective.t_max={cfg.t_max}")
-  module(config).check(config)
+  method = module(config)
+  if getattr(method, "JVP", False) and config.model.attention != "xla":
+    raise ValueError(f"model.attention={config.model.attention!r} cannot be used with "
+                     f"objective.name={cfg.name!r}: it differentiates the network "
+                     "with jax.jvp, and cuDNN's attention has no JVP rule; set "
+                     "model.attention='xla'")
+  method.check(config)
 
 
-def describe(config) -> Denoiser | OneStepMap | AverageVelocity | TerminalVelocity:
+def describe(config) -> Description:
   """What a network trained with config.objective is (see the module docstring)."""
   return module(config).describe(config)
 
 
 def build(config, apply_fn) -> Objective:
-  name = config.objective.name
-  if name not in MODULES:
-    raise ValueError(f"objective.name={name!r}: allowed values are {sorted(MODULES)}")
   return Objective(**module(config).build(config, apply_fn))
+
+
+for _name, _method in (("flow", flow), ("imm", imm), ("kdiff", kdiff), ("meanflow", meanflow),
+                       ("imf", imf), ("tvm", tvm)):
+  register(_name, _method)

@@ -13,14 +13,18 @@ rectified flow. The target goes through the same conversion as the prediction (w
 The trained network is a `Denoiser`: its raw output is a `prediction` at (x_t, t, y).
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kdiff_jax import parameterization, schedules
+from kdiff_jax import parameterization, samplers, schedules
+from kdiff_jax.samplers import grids, guidance
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+# Flow matching reads only the fields every objective shares (objectives.RULES): no section.
+RULES = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,58 @@ class Denoiser:
   noise_std: float = 1.0
   min_divisor: float = 0.0
   k: Callable | None = None
+
+  # The ODE/SDE methods of kdiff_jax.samplers, classifier-free guidance on the raw output.
+  methods: ClassVar[tuple] = samplers.METHODS
+  torch_sampler: ClassVar[str] = "ode"   # export/torch_sampling.sample_ode
+
+  def check_sampling(self, config) -> None:
+    del config   # every guidance scale and interval acts on the raw output
+
+  def time_grid(self, config):
+    return sampling_times(config, self.schedule)
+
+  def plan(self, config):
+    chosen = config.sampling
+    return samplers.plan(schedule=self.schedule, prediction=self.prediction,
+                         method=chosen.method, num_steps=chosen.num_steps, grid=chosen.grid,
+                         t_start=chosen.t_start, t_end=chosen.t_end, noise_std=self.noise_std,
+                         **configured_options(config))
+
+  def sampler(self, config, apply_fn):
+    """x_{t_end} by config.sampling's method on the guided raw output; k-Diff's k from the
+    params being sampled."""
+    chosen = config.sampling
+
+    def sample(params, noise, labels, key):
+      network = lambda x_t, t, y: apply_fn(params["net"], x_t, t, y).astype(jnp.float32)
+      model_fn = guidance.classifier_free(network, labels, null_label=config.data.num_classes,
+                                          scale=chosen.guidance_scale,
+                                          interval=tuple(chosen.guidance_interval))
+      k = None if self.k is None else (lambda t: self.k(params, t))
+      return samplers.sample(
+          model_fn, noise, schedule=self.schedule, prediction=self.prediction,
+          method=chosen.method, num_steps=chosen.num_steps, key=key, grid=chosen.grid,
+          t_start=chosen.t_start, t_end=chosen.t_end, k=k, noise_std=self.noise_std,
+          min_divisor=self.min_divisor, **configured_options(config))
+    return sample
+
+  def export(self, config, params_by_weights) -> dict:
+    del config, params_by_weights
+    return dict(prediction=self.prediction)
+
+
+def configured_options(config) -> dict:
+  """The options of sampling.options that config.sampling's method and grid read."""
+  chosen = config.sampling
+  return samplers.configured_options(chosen.method, chosen.grid, chosen.options)
+
+
+def sampling_times(config, schedule) -> np.ndarray:
+  """The float64 times config.sampling steps through on `schedule`."""
+  chosen = config.sampling
+  return grids.time_grid(schedule, chosen.num_steps, chosen.grid, t_start=chosen.t_start,
+                         t_end=chosen.t_end, **configured_options(config))
 
 
 def sample_time(rng, batch_size, objective_config):
@@ -96,7 +152,7 @@ def regression_loss(prediction_output, x, n, x_t, t, schedule, *, prediction, lo
 
 
 def check(config) -> None:
-  """Flow matching has no checks beyond its fields' rules (objectives.RULES)."""
+  """Flow matching has no checks beyond the shared fields' rules (objectives.RULES)."""
   del config
 
 

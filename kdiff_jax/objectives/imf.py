@@ -1,7 +1,8 @@
 """Improved MeanFlow (iMF; Geng et al. 2025, "Improved Mean Flows", official code
-Lyy-iiis/imeanflow `imf.py`; docs/objectives/meanflow.md): objective.name = 'meanflow' with
-objective.meanflow.variant = 'imf' (objectives.module picks this module), on the in-context
-DiT model.name = 'imf_dit'.
+Lyy-iiis/imeanflow `imf.py`; docs/objectives/meanflow.md): objective.name = 'imf', options
+objective.imf.*, on the in-context DiT model.name = 'imf_dit'. Runs saved before iMF had its
+own name (objective.name = 'meanflow' with objective.meanflow.variant = 'imf') are read as this
+objective (`upgrade`).
 
 MeanFlow's draws, row layout, label dropout and adaptive weight (objectives/meanflow.py), with
 three changes. Per example (the batch mean at the end):
@@ -25,8 +26,8 @@ three changes. Per example (the batch mean at the end):
 The official step computes v_c twice: first at the drawn ω (one doubled batch with v_u) for the
 rows with r = t, then again at ω_w. On a row with r = t the interval is [0, 1], so ω_w = ω and
 both are the same, and on a row outside its interval 1 - 1/ω_w = 0; so one pass of v_c at ω_w
-gives the same v_g everywhere. The cheaper step (default; objective.meanflow.full_batch_jvp =
-True runs the official one) goes further, as MeanFlow's: the JVP runs only on the r != t rows
+gives the same v_g everywhere. The cheaper step (default; objective.imf.full_batch_jvp = True
+runs the official one) goes further, as MeanFlow's: the JVP runs only on the r != t rows
 (on r = t rows V = u), and on an r = t row whose label is kept the training forward's own v head
 *is* v_c (same input), taken under stop_gradient, so those rows need only the v_u pass. Both
 steps give the same loss and gradients (tests/test_imf.py).
@@ -35,12 +36,59 @@ aux_v_head = False is the ablation without the v head: the instantaneous velocit
 at h = 0 (MeanFlow's) and the loss is w(L_u) alone.
 """
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from kdiff_jax import parameterization, schedules
 from kdiff_jax.objectives import meanflow
+from kdiff_jax.rules import boolean, number
+
+# The loss differentiates the network with jax.jvp (objectives.check: attention 'xla').
+JVP = True
+
+
+def defaults():
+  """objective.imf: MeanFlow's row layout and adaptive weight (objectives/meanflow.py) with iMF's
+  share, and the guidance inputs drawn per row."""
+  return ml_collections.ConfigDict(dict(
+      share_r_equals_t=0.5,       # rows with r = t (no JVP term); a fraction n/m, m <= 64
+      adaptive_p=1.0,             # loss w(L) = L/sg((L + c)^p); p = 0: plain squared error
+      adaptive_c=0.01,
+      full_batch_jvp=False,       # True: the official step (v_c twice, the JVP on every row)
+      s_max=7.0,                  # omega on [1, 1 + s_max] (0: no guidance)
+      cfg_beta=1.0,               # p(omega) ∝ omega^-cfg_beta (1: log-uniform)
+      interval_split=0.5,         # t_min ~ U[0, split], t_max ~ U[split, 1] ([0, 1] on r = t rows)
+      aux_v_head=True,            # the v head (its loss; guidance and the JVP tangent from it); False: u at h = 0
+  ))
+
+
+RULES = {
+    **meanflow.LAYOUT_RULES,
+    "s_max": number(0),
+    "cfg_beta": number(0),
+    "interval_split": number(0, 1, low_open=True, high_open=True),
+    "aux_v_head": boolean(),
+}
+
+
+def upgrade(saved: dict) -> dict:
+  """A config saved before iMF had its name, rewritten: objective.meanflow.variant = 'imf' is
+  objective.name = 'imf' with objective.imf = MeanFlow's share_r_equals_t, adaptive_p,
+  adaptive_c, full_batch_jvp and objective.meanflow.imf.*; a MeanFlow run drops the two fields.
+  Configs without objective.meanflow.variant are returned as they are."""
+  old = saved.get("objective", {}).get("meanflow", {})
+  if "variant" not in old:
+    return saved
+  meanflow_section = {key: value for key, value in old.items() if key not in ("variant", "imf")}
+  objective = dict(saved["objective"], meanflow=meanflow_section)
+  if old["variant"] == "imf":
+    objective["name"] = "imf"
+    objective["imf"] = dict({key: old[key] for key in meanflow.LAYOUT_RULES if key in old},
+                            **old.get("imf", {}))
+  return dict(saved, objective=objective)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +137,10 @@ def sample_interval(rng, equal, split):
 def draw(rng, x, labels, config) -> Draws:
   """The draws of one batch (x: [B, ...] data, labels: [B]); MeanFlow's t, r, noise and dropped
   rows (meanflow.draw) with ω and the interval."""
-  cfg = config.objective
-  options = cfg.meanflow.imf
+  options = config.objective.imf
   rng_meanflow, rng_omega, rng_interval = jax.random.split(rng, 3)
   base = meanflow.draw(rng_meanflow, x, labels, config)
-  equal = meanflow.r_equals_t_rows(x.shape[0], cfg.meanflow.share_r_equals_t)
+  equal = meanflow.r_equals_t_rows(x.shape[0], options.share_r_equals_t)
   omega = sample_omega(rng_omega, x.shape[0], options.s_max, options.cfg_beta)
   t_min, t_max = sample_interval(rng_interval, equal, options.interval_split)
   return Draws(base.t, base.r, base.noise, base.labels, base.dropped, omega, t_min, t_max)
@@ -117,8 +164,8 @@ def make_example_losses(config, apply_fn):
   the true labels (v_c's), draws: `Draws`.
   """
   cfg = config.objective
-  options = cfg.meanflow
-  aux = options.imf.aux_v_head
+  options = cfg.imf
+  aux = options.aux_v_head
   null_label = config.data.num_classes
   share = options.share_r_equals_t
   weight = lambda error: meanflow.adaptive_weighting(error, options.adaptive_p, options.adaptive_c)
@@ -213,45 +260,54 @@ def make_example_losses(config, apply_fn):
   return example_losses
 
 
+@dataclasses.dataclass(frozen=True)
+class GuidedAverageVelocity(meanflow.AverageVelocity):
+  """MeanFlow's average velocity u(z, h = t - r, ω, [t_min, t_max], y) whose guidance ω and
+  interval are network inputs, taken from sampling.guidance_scale and guidance_interval (one
+  pass per step). The network saw ω in [1, 1 + s_max] and intervals with t_min <= split <= t_max."""
+
+  s_max: float = 7.0
+  interval_split: float = 0.5
+  torch_sampler: ClassVar[str] = "imf"   # export/torch_sampling.sample_imf
+
+  def conditioning(self, config) -> dict:
+    chosen = config.sampling
+    return dict(guidance=chosen.guidance_scale, interval=tuple(chosen.guidance_interval))
+
+  def check_sampling(self, config) -> None:
+    """ω and the interval within what the network was trained on."""
+    top, split = 1.0 + self.s_max, self.interval_split
+    scale = config.sampling.guidance_scale
+    if not 1.0 <= scale <= top:
+      raise ValueError(f"sampling.guidance_scale={scale}: iMF's network was trained on omega in "
+                       f"[1, 1 + objective.imf.s_max] = [1, {top}]")
+    low, high = tuple(config.sampling.guidance_interval)
+    if not (0.0 <= low <= split <= high <= 1.0):
+      raise ValueError(f"sampling.guidance_interval={(low, high)}: iMF's network was trained on "
+                       f"t_min in [0, {split}] and t_max in [{split}, 1] "
+                       "(objective.imf.interval_split)")
+
+
 def check(config) -> None:
-  """Fail before compiling on settings iMF cannot train or sample with."""
-  cfg, options = config.objective, config.objective.meanflow
+  """Fail before compiling on settings iMF cannot train with."""
+  cfg, options = config.objective, config.objective.imf
   if config.model.name != "imf_dit":
-    raise ValueError(f"objective.meanflow.variant='imf' feeds guidance and its interval to the "
-                     f"network: set model.name='imf_dit' (not {config.model.name!r})")
+    raise ValueError(f"objective.name='imf' feeds guidance and its interval to the network: set "
+                     f"model.name='imf_dit' (not {config.model.name!r})")
   if cfg.schedule != "rectified_flow":
     raise ValueError(f"objective.schedule={cfg.schedule!r}: iMF is defined on the linear path "
                      "z_t = (1 - t)·x + t·e: set objective.schedule='rectified_flow'")
-  meanflow.row_layout(options.share_r_equals_t)
-  fixed = {"omega": 1.0, "kappa": 0.5, "guidance_interval": (0.0, 1.0)}
-  for name, default in fixed.items():
-    value = tuple(options[name]) if name == "guidance_interval" else options[name]
-    if value != default:
-      raise ValueError(f"objective.meanflow.{name}={value}: MeanFlow's fixed training guidance; "
-                       "variant='imf' draws omega and its interval per row "
-                       f"(objective.meanflow.imf.*): leave it at {default}")
-  split = options.imf.interval_split
-  if not 0.0 < split < 1.0:
-    raise ValueError(f"objective.meanflow.imf.interval_split={split}: must be in (0, 1) "
-                     "(t_min ~ U[0, split], t_max ~ U[split, 1])")
-  top = 1.0 + options.imf.s_max
-  scale = config.sampling.guidance_scale
-  if not 1.0 <= scale <= top:
-    raise ValueError(f"sampling.guidance_scale={scale}: iMF's network was trained on omega in "
-                     f"[1, 1 + objective.meanflow.imf.s_max] = [1, {top}]")
-  low, high = tuple(config.sampling.guidance_interval)
-  if not (0.0 <= low <= split <= high <= 1.0):
-    raise ValueError(f"sampling.guidance_interval={(low, high)}: iMF's network was trained on "
-                     f"t_min in [0, {split}] and t_max in [{split}, 1] "
-                     "(objective.meanflow.imf.interval_split)")
+  meanflow.row_layout(options.share_r_equals_t, "imf")
 
 
-def describe(config) -> meanflow.AverageVelocity:
-  """The trained network: MeanFlow's average velocity (ω and the interval come from sampling)."""
-  return meanflow.describe(config)
+def describe(config) -> GuidedAverageVelocity:
+  """The trained network: MeanFlow's average velocity with ω and the interval as inputs."""
+  options = config.objective.imf
+  return GuidedAverageVelocity(schedules.get(config.objective.schedule), s_max=options.s_max,
+                               interval_split=options.interval_split)
 
 
 def build(config, apply_fn):
   check(config)
   return meanflow.objective(config, draw, make_example_losses(config, apply_fn),
-                            ("error_u", "error_v"))
+                            ("error_u", "error_v"), describe(config))

@@ -19,18 +19,57 @@ objective's `group_size` = M keeps every group whole on one device. The trained 
 `OneStepMap`, which the loss and the samplers (pushforward, restart) share.
 """
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 
-from kdiff_jax import parameterization, schedules
+from kdiff_jax import parameterization, samplers, schedules
 from kdiff_jax.objectives import flow
+from kdiff_jax.rules import boolean, number, one_of
 
 F_TYPES = ("euler_fm", "simple_edm", "identity")
 KERNELS = ("laplace", "rbf")
 ESTIMATORS = ("v", "u")
 TIME_CONDITIONINGS = ("identity", "stride")
+
+
+def defaults():
+  """objective.imm (docs/objectives/imm.md): sigma_d = objective.noise_std (0.5), [eps, T] =
+  [objective.t_min, objective.t_max]; needs model.second_time_embedder = True."""
+  return ml_collections.ConfigDict(dict(
+      group_size=4,               # M particles per group, one (s, r, t) per group
+      k=12,                       # r(s,t): eta decrement (eta(T) - eta(eps))/2^k (ImageNet 12, CIFAR 15)
+      delta=0.0,                  # minimum gap t - r (1e-4 when training in low precision)
+      f_type="euler_fm",          # euler_fm | simple_edm | identity: the one-step map f_{s,t}
+      kernel="laplace",           # laplace | rbf
+      bandwidth=1.0,              # c, the kernel scale multiple (1: the paper): laplace exp(-d/(c |c_out| D)),
+                                  # rbf exp(-d^2/(2 h^2)) with h = c |c_out(s,t)| sqrt(D)
+      estimator="v",              # MMD^2 per group: v (all M x M pairs, the paper) | u (pairs i != j, unbiased)
+      a=1.0,                      # w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
+      b=4.0,
+      time_conditioning="identity",  # the second time input: identity (s) | stride (t - s)
+      drop_target_labels=False,   # also give the target pass the dropped labels
+      target_full_precision=True,  # target pass in float32 whatever model.compute_dtype
+  ))
+
+
+RULES = {
+    "group_size": number(1, integer=True),
+    "k": number(0, integer=True),
+    "delta": number(0, 1, high_open=True),
+    "f_type": one_of(*F_TYPES),
+    "kernel": one_of(*KERNELS),
+    "bandwidth": number(0, low_open=True),
+    "estimator": one_of(*ESTIMATORS),
+    "a": number(0),
+    "b": number(),
+    "time_conditioning": one_of(*TIME_CONDITIONINGS),
+    "drop_target_labels": boolean(),
+    "target_full_precision": boolean(),
+}
 
 # Floor on the squared distance inside the Laplace kernel's square root: the V-statistic has
 # distance-0 diagonal pairs, where d sqrt(u)/du is infinite (docs/objectives/imm.md, "The loss").
@@ -186,6 +225,38 @@ class OneStepMap:
   def map(self, x_t, output, s, t):
     """f_{s,t}(x_t) = c_skip(s,t)·x_t + c_out(s,t)·G (`one_step_map`)."""
     return one_step_map(self.f_type, x_t, output, s, t, self.schedule, self.sigma_d)
+
+  # pushforward or restart (samplers/imm.py), guidance on G.
+  methods: ClassVar[tuple] = samplers.imm.METHODS
+  torch_sampler: ClassVar[str] = "imm"   # export/torch_sampling.sample_imm
+
+  def check_sampling(self, config) -> None:
+    del config   # every guidance scale and interval acts on G
+
+  def time_grid(self, config):
+    return flow.sampling_times(config, self.schedule)
+
+  def plan(self, config):
+    return samplers.imm.plan(self.schedule, self.time_grid(config), config.sampling.method,
+                             self.sigma_d)
+
+  def sampler(self, config, apply_fn):
+    """x_{t_end} by pushforward or restart through the one-step map."""
+    chosen = config.sampling
+
+    def sample(params, noise, labels, key):
+      raw_fn = lambda x_t, s_, t, y: self.network(apply_fn, params["net"], x_t, s_, t, y)
+      return samplers.imm.sample(
+          raw_fn, self.map, noise, labels, schedule=self.schedule, method=chosen.method,
+          num_steps=chosen.num_steps, grid=chosen.grid, t_start=chosen.t_start,
+          t_end=chosen.t_end, noise_std=self.sigma_d, key=key,
+          null_label=config.data.num_classes, guidance_scale=chosen.guidance_scale,
+          guidance_interval=tuple(chosen.guidance_interval), **flow.configured_options(config))
+    return sample
+
+  def export(self, config, params_by_weights) -> dict:
+    del config, params_by_weights
+    return dict(imm=dict(f_type=self.f_type, time_conditioning=self.time_conditioning))
 
 
 def check(config):

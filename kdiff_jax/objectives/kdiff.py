@@ -31,13 +31,37 @@ updates it with the network's learning rate and never decays it (the decay mask 
 and the EMA tracks it. The trained network is a flow.Denoiser with prediction 'u_k' whose k is
 read from the parameters being sampled (the EMA ones), k(params, t).
 """
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from kdiff_jax import schedules
 from kdiff_jax.objectives import flow
+from kdiff_jax.rules import boolean, number
+
+
+def defaults():
+  """objective.kdiff (docs/objectives/kdiff.md): u = k·x - (1-k)·n scored as a velocity with the
+  clamp objective.min_divisor (0.05); k = sigmoid(w_k), w_k trained with the net (no decay, in
+  the EMA)."""
+  return ml_collections.ConfigDict(dict(
+      learnable=True,             # False: k fixed at k_init (0 = eps, 0.5 = v, 1 = x baselines)
+      k_init=0.5,                 # learnable: k_init in (0, 1)
+      w_k_scale=1.0,              # k = sigmoid(w_k_scale·w_k): multiplies the speed of k under Adam
+      time_dependent=False,       # k(t): logit linear in t, w_k of shape [2] (worse in the paper)
+  ))
+
+
+RULES = {
+    "learnable": boolean(),
+    "k_init": number(0, 1),
+    "w_k_scale": number(0, low_open=True),
+    "time_dependent": boolean(),
+}
 
 
 def k_of(params, t, kdiff_config):
@@ -78,12 +102,30 @@ def check(config):
     raise ValueError("objective.kdiff.time_dependent=True needs objective.kdiff.learnable=True")
 
 
-def describe(config) -> flow.Denoiser:
+@dataclasses.dataclass(frozen=True)
+class LearnedK(flow.Denoiser):
+  """A u_k denoiser (flow.Denoiser with prediction 'u_k'), whose export also carries k."""
+
+  time_dependent: bool = False
+
+  def export(self, config, params_by_weights) -> dict:
+    """prediction, and k of each weights ({'model': raw, 'ema': EMA params}) as the objective
+    computes it: a float, or for a time-dependent k its values at t = 0 and t = 1 (its logit is
+    linear in t)."""
+    t = np.array([0.0, 1.0]) if self.time_dependent else None
+    k_of_weights = lambda params: np.asarray(self.k(params, t), np.float64).tolist()
+    return dict(super().export(config, params_by_weights),
+                kdiff=dict(time_dependent=self.time_dependent,
+                           k={name: k_of_weights(params)
+                              for name, params in params_by_weights.items()}))
+
+
+def describe(config) -> LearnedK:
   """A u_k denoiser with k = k_of(params, t), scored with the loss's clamp objective.min_divisor."""
   cfg = config.objective
-  return flow.Denoiser(schedules.get(cfg.schedule), "u_k", noise_std=cfg.noise_std,
-                       min_divisor=cfg.min_divisor,
-                       k=lambda params, t: k_of(params, t, cfg.kdiff))
+  return LearnedK(schedules.get(cfg.schedule), "u_k", noise_std=cfg.noise_std,
+                  min_divisor=cfg.min_divisor, k=lambda params, t: k_of(params, t, cfg.kdiff),
+                  time_dependent=cfg.kdiff.time_dependent)
 
 
 def build(config, apply_fn):

@@ -34,16 +34,56 @@ gradients; with kappa > 0 the authors' step costs about 2 flow-matching steps, t
 """
 import dataclasses
 import fractions
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from kdiff_jax import parameterization, schedules
+from kdiff_jax import parameterization, samplers, schedules
 from kdiff_jax.objectives import flow
+from kdiff_jax.rules import boolean, interval, number
 
-VARIANTS = ("meanflow", "imf")  # imf: objectives/imf.py (objectives.module dispatches)
 # The largest group of rows over which share_r_equals_t = n/m is laid out.
 MAX_GROUP = 64
+# The loss differentiates the network with jax.jvp (objectives.check: attention 'xla').
+JVP = True
+
+
+def defaults():
+  """objective.meanflow (docs/objectives/meanflow.md): t, r from objective.time_sampling
+  (MeanFlow: logit_normal, mean -0.4, std 1), labels dropped with objective.label_dropout; needs
+  model.second_time_embedder = True (h = t - r) and, as MeanFlow embeds it, model.time_scale = 1."""
+  return ml_collections.ConfigDict(dict(
+      share_r_equals_t=0.75,      # rows with r = t (no JVP term); a fraction n/m, m <= 64
+      omega=1.0,                  # guidance in training: v_g = omega·v + (1 - omega - kappa)·v_uncond
+      kappa=0.5,                  #   + kappa·v_cond (effective scale omega/(1 - kappa)); omega = 1,
+      guidance_interval=(0.0, 1.0),  # kappa = 0: off; only for t in this interval
+      adaptive_p=1.0,             # loss L/sg((L + c)^p); p = 0: plain squared error
+      adaptive_c=0.01,
+      full_batch_jvp=False,       # True: the authors' step (guidance forwards and JVP on every row)
+  ))
+
+
+# The fields MeanFlow's row layout and weighting read, shared with iMF's section (objectives/imf.py).
+LAYOUT_RULES = {
+    "share_r_equals_t": number(0, 1),
+    "adaptive_p": number(0),
+    "adaptive_c": number(0, low_open=True),
+    "full_batch_jvp": boolean(),
+}
+RULES = {
+    **LAYOUT_RULES,
+    "omega": number(0),
+    "kappa": number(0, 1, high_open=True),
+    "guidance_interval": interval(number(0, 1)),
+}
+
+
+def section(config):
+  """The section of config's objective (objective.meanflow, or objective.imf for iMF), whose
+  share_r_equals_t, adaptive_p, adaptive_c and full_batch_jvp the shared helpers here read."""
+  return config.objective[config.objective.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +97,42 @@ class AverageVelocity:
 
   schedule: schedules.Schedule
 
+  # mean_flow (samplers/mean_flow.py): z <- z - (t - r)·u, guidance trained in.
+  methods: ClassVar[tuple] = samplers.mean_flow.METHODS
+  torch_sampler: ClassVar[str] = "mean_flow"   # export/torch_sampling.sample_mean_flow
+
   def velocity(self, apply_fn, net_params, z_t, t, r, labels, **conditioning):
     """u(z_t, r, t | labels) in float32; t, r: [B]."""
     return apply_fn(net_params, z_t, t, labels, t - r, **conditioning).astype(jnp.float32)
+
+  def conditioning(self, config) -> dict:
+    """The network's inputs besides (z, t, h, y) when sampling with config.sampling: none."""
+    del config
+    return {}
+
+  def check_sampling(self, config) -> None:
+    del config   # MeanFlow's check refuses a guidance scale (it is trained in)
+
+  def time_grid(self, config):
+    return flow.sampling_times(config, self.schedule)
+
+  def plan(self, config):
+    return self.time_grid(config)
+
+  def sampler(self, config, apply_fn):
+    """z_{t_end} by z <- z - (t - r)·u(z, t, h = t - r, y, **conditioning) on the time grid."""
+    times, conditioning = self.time_grid(config), self.conditioning(config)
+
+    def sample(params, noise, labels, key):
+      del key  # deterministic
+      average_velocity = lambda z, t, r, y: self.velocity(apply_fn, params["net"], z, t, r, y,
+                                                          **conditioning)
+      return samplers.mean_flow.sample(average_velocity, noise, labels, times=times)
+    return sample
+
+  def export(self, config, params_by_weights) -> dict:
+    del config, params_by_weights
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +154,12 @@ jax.tree_util.register_dataclass(Draws, data_fields=["t", "r", "noise", "labels"
                                  meta_fields=[])
 
 
-def row_layout(share_r_equals_t: float) -> tuple[int, int]:
-  """(m, n): rows come in groups of m, the first n of each with r = t; n/m = share_r_equals_t."""
+def row_layout(share_r_equals_t: float, section: str = "meanflow") -> tuple[int, int]:
+  """(m, n): rows come in groups of m, the first n of each with r = t; n/m = share_r_equals_t
+  (objective.<section>.share_r_equals_t, named in the error)."""
   share = fractions.Fraction(share_r_equals_t).limit_denominator(MAX_GROUP)
   if abs(float(share) - share_r_equals_t) > 1e-9:
-    raise ValueError(f"objective.meanflow.share_r_equals_t={share_r_equals_t}: must be a "
+    raise ValueError(f"objective.{section}.share_r_equals_t={share_r_equals_t}: must be a "
                      f"fraction n/m with m <= {MAX_GROUP} (e.g. 0.75 = 3/4), so that every device "
                      "holds the same share of r = t rows")
   return share.denominator, share.numerator
@@ -123,7 +197,7 @@ def sample_times(rng, batch_size, objective_config):
   a = flow.sample_time(rng_a, batch_size, objective_config)
   b = flow.sample_time(rng_b, batch_size, objective_config)
   t, r = jnp.maximum(a, b), jnp.minimum(a, b)
-  equal = r_equals_t_rows(batch_size, objective_config.meanflow.share_r_equals_t)
+  equal = r_equals_t_rows(batch_size, objective_config[objective_config.name].share_r_equals_t)
   return t, jnp.where(equal, t, r)
 
 
@@ -146,7 +220,7 @@ def draw(rng, x, labels, config) -> Draws:
   batch_size = x.shape[0]
   t, r = sample_times(rng_time, batch_size, cfg)
   noise = cfg.noise_std * jax.random.normal(rng_noise, x.shape, jnp.float32)
-  dropped = dropped_rows(rng_drop, batch_size, cfg.label_dropout, cfg.meanflow.share_r_equals_t)
+  dropped = dropped_rows(rng_drop, batch_size, cfg.label_dropout, section(config).share_r_equals_t)
   return Draws(t, r, noise, jnp.where(dropped, config.data.num_classes, labels), dropped)
 
 
@@ -279,8 +353,8 @@ def describe(config) -> AverageVelocity:
   return AverageVelocity(schedules.get(config.objective.schedule))
 
 
-def objective(config, draw_fn, example_losses, metrics):
-  """The objective's parts (objectives.Objective) from a variant's draws and per-example losses:
+def objective(config, draw_fn, example_losses, metrics, description):
+  """The objective's parts (objectives.Objective) from a method's draws and per-example losses:
   loss(params, batch, rng) = (batch mean of 'loss', {'loss' and the batch mean of each of
   `metrics`}); the description; the row layout's group size. Shared by MeanFlow and iMF."""
 
@@ -291,10 +365,11 @@ def objective(config, draw_fn, example_losses, metrics):
     value = jnp.mean(losses["loss"])
     return value, {"loss": value, **{name: jnp.mean(losses[name]) for name in metrics}}
 
-  group_size, _ = row_layout(config.objective.meanflow.share_r_equals_t)
-  return dict(loss=loss, description=describe(config), group_size=group_size)
+  group_size, _ = row_layout(section(config).share_r_equals_t)
+  return dict(loss=loss, description=description, group_size=group_size)
 
 
 def build(config, apply_fn):
   check(config)
-  return objective(config, draw, make_example_losses(config, apply_fn), ("error", "v_error"))
+  return objective(config, draw, make_example_losses(config, apply_fn), ("error", "v_error"),
+                   describe(config))

@@ -36,15 +36,55 @@ as for every objective. Its random beta is torch.rand, [0, 1); here (0, 1], as b
 w infinite. The trained network is a `TerminalVelocity`, sampled by samplers/tvm.py.
 """
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
+import ml_collections
 
-from kdiff_jax import parameterization, schedules
+from kdiff_jax import parameterization, samplers, schedules
+from kdiff_jax.objectives import flow
+from kdiff_jax.rules import boolean, number, one_of
 
 CFG_DRAWS = ("fixed", "range", "uniform")
+
+# The loss differentiates the network with jax.jvp (objectives.check: attention 'xla').
+JVP = True
+
+
+def defaults():
+  """objective.tvm: rectified flow, a DiT with model.second_time_embedder (h = t - s) and
+  model.guidance_embedder (beta = 1/cfg); labels dropped with objective.label_dropout (those rows
+  get beta = 1)."""
+  return ml_collections.ConfigDict(dict(
+      gap_mean=-0.8,              # gap l = t - s: sigmoid(N(gap_mean, gap_std))
+      gap_std=1.0,
+      s_mean=-0.4,                # s: logit-normal N(s_mean, s_std) truncated to s <= 1 - l; s' untruncated
+      s_std=1.0,
+      cfg_draw="fixed",           # beta = 1/cfg: fixed (cfg) | range (1/U[min_cfg, max_cfg]) | uniform (U(0, 1])
+      cfg=2.0,
+      min_cfg=1.0,
+      max_cfg=4.0,
+      scale_output=True,          # output scale a = 1/beta (the official do_scale_param); False: a = 1
+      teacher_decay=0.99,         # the teacher: an EMA of the online weights (not training.ema_decays)
+      detach_jvp=False,           # True: no gradient through dF/ds (the official option; off in its configs)
+  ))
+
+
+RULES = {
+    "gap_mean": number(),
+    "gap_std": number(0, low_open=True),
+    "s_mean": number(),
+    "s_std": number(0, low_open=True),
+    "cfg_draw": one_of(*CFG_DRAWS),
+    "cfg": number(0, low_open=True),
+    "min_cfg": number(0, low_open=True),
+    "max_cfg": number(0, low_open=True),
+    "scale_output": boolean(),
+    "teacher_decay": number(0, 1, high_open=True),
+    "detach_jvp": boolean(),
+}
 
 
 class Draws(NamedTuple):
@@ -68,18 +108,46 @@ class TerminalVelocity:
   schedule: schedules.Schedule
   scale_output: bool
 
+  # tvm (samplers/tvm.py): x <- x + (s - t)·a·F(x, t, t - s, y, beta = 1/sampling.guidance_scale).
+  methods: ClassVar[tuple] = samplers.tvm.METHODS
+  torch_sampler: ClassVar[str] = "tvm"   # export/torch_sampling.sample_tvm
+
   def network(self, apply_fn, net_params, x_t, t, h, labels, beta):
     """F(x_t, t, h = t - s, labels, beta), float32; t, h, beta: [B]."""
     return apply_fn(net_params, x_t, t, labels, h, guidance=beta).astype(jnp.float32)
 
-  def output_scale(self, beta):
-    """a = 1/beta with scale_output, else 1."""
-    return 1.0 / beta if self.scale_output else jnp.ones_like(beta)
+  def check_sampling(self, config) -> None:
+    """The guidance scale is the network's input beta = 1/cfg, on every step."""
+    chosen = config.sampling
+    if not chosen.guidance_scale > 0:
+      raise ValueError(f"sampling.guidance_scale={chosen.guidance_scale}: TVM's network takes "
+                       "beta = 1/cfg, so the guidance scale (cfg) must be > 0")
+    if tuple(chosen.guidance_interval) != (0.0, 1.0):
+      raise ValueError(f"sampling.guidance_interval={tuple(chosen.guidance_interval)}: TVM's "
+                       "guidance is trained into every step; leave it at (0.0, 1.0)")
 
-  def map(self, x_t, output, s, t, beta):
-    """f_{s,t}(x_t) = x_t + (s - t)·a·F."""
-    b = lambda v: parameterization.broadcast_time(v, x_t)
-    return x_t + b((s - t) * self.output_scale(beta)) * output
+  def time_grid(self, config):
+    return flow.sampling_times(config, self.schedule)
+
+  def plan(self, config):
+    return self.time_grid(config)
+
+  def sampler(self, config, apply_fn):
+    """x_{t_end} by the map f_{s,t} down the time grid, cfg = sampling.guidance_scale."""
+    times, cfg = self.time_grid(config), config.sampling.guidance_scale
+
+    def sample(params, noise, labels, key):
+      del key  # deterministic
+      network = lambda x, t, h, y, beta: self.network(apply_fn, params["net"], x, t, h, y, beta)
+      return samplers.tvm.sample(network, noise, labels, times=times, cfg=cfg,
+                                 scale_output=self.scale_output)
+    return sample
+
+  def export(self, config, params_by_weights) -> dict:
+    """F(x, t, h = t - s, y, guidance=beta); f_{s,t}(x) = x + (s - t)·a·F, a = cfg if
+    scale_output."""
+    del config, params_by_weights
+    return dict(tvm=dict(scale_output=self.scale_output))
 
 
 def truncated_logit_normal(u, upper_logit, mean, std):
