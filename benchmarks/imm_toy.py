@@ -135,10 +135,10 @@ def toy_config(model, toy_name):
 
 def train_model(config):
   """(setup, EMA params, seconds) after config.training.num_steps steps on one device."""
-  s = train.setup(config, jax.devices()[:1])
-  state = train.init_state(s)
-  step = train.make_train_step(s)
-  sharding = parallel.batch_sharding(s.mesh, config.mesh.rules)
+  setup = train.setup(config, jax.devices()[:1])
+  state = train.init_state(setup)
+  step = train.make_train_step(setup)
+  sharding = parallel.batch_sharding(setup.mesh, config.mesh.rules)
   rng = np.random.default_rng(0)
   start = time.perf_counter()
   for _ in range(config.training.num_steps):
@@ -147,14 +147,14 @@ def train_model(config):
              "label": jax.device_put(np.zeros(len(points), np.int32), sharding)}
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
-  return s, train.sampling_params(state, config), time.perf_counter() - start
+  return setup, train.sampling_params(state, config), time.perf_counter() - start
 
 
-def sampler(s, num_steps):
+def sampler(setup, num_steps):
   """jit(sample(params, key)) of the objective rebuilt with sampling.num_steps = num_steps."""
-  config = s.config.copy_and_resolve_references()
+  config = setup.config.copy_and_resolve_references()
   config.sampling.num_steps = num_steps
-  sample_fn = sampling.build(config, s.objective.description, s.model.apply)
+  sample_fn = sampling.build(config, setup.objective.description, setup.model.apply)
   shape = (FLAGS.num_samples, config.data.channels)
   labels = jnp.zeros((FLAGS.num_samples,), jnp.int32)
 

@@ -226,11 +226,11 @@ def _batch(config, mesh, abstract: bool):
 
 def compile_step(config):
   """(setup, compiled step, compile seconds, per-device bytes, XLA FLOPs per device)."""
-  s = steps.setup(config)
-  step = steps.make_train_step(s)
+  setup = steps.setup(config)
+  step = steps.make_train_step(setup)
   start = time.perf_counter()
   with _no_compilation_cache():
-    compiled = step.lower(s.abstract_state, _batch(config, s.mesh, abstract=True)).compile()
+    compiled = step.lower(setup.abstract_state, _batch(config, setup.mesh, abstract=True)).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   total = None
@@ -240,13 +240,13 @@ def compile_step(config):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", float("nan")))
-  return s, compiled, seconds, total, flops
+  return setup, compiled, seconds, total, flops
 
 
-def time_steps(s, compiled):
+def time_steps(setup, compiled):
   """Seconds of each of FLAGS.steps steps after FLAGS.warmup untimed ones."""
-  state = steps.init_state(s)
-  batch = _batch(s.config, s.mesh, abstract=False)
+  state = steps.init_state(setup)
+  batch = _batch(setup.config, setup.mesh, abstract=False)
   for _ in range(FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics) if FLAGS.warmup else state)
@@ -346,8 +346,8 @@ def run_case(case: Case, batch: int, peak: float | None, factors: dict, referenc
     return f"{label} | {batch} | not registered: objective.name={name!r} is not in " \
            f"{sorted(objectives.MODULES)} |"
   try:
-    s, compiled, compile_seconds, total, xla_flops = compile_step(config)
-    times = time_steps(s, compiled)
+    setup, compiled, compile_seconds, total, xla_flops = compile_step(config)
+    times = time_steps(setup, compiled)
   except Exception as error:  # noqa: BLE001 - a refused config or a failed step is a result
     message = str(error).split("\n")[0][:200].replace("|", "/")
     return f"{label} | {batch} | {type(error).__name__}: {message} |"
@@ -362,7 +362,7 @@ def run_case(case: Case, batch: int, peak: float | None, factors: dict, referenc
   key = (case.size, None if FLAGS.largest_batch else batch, case.compute_dtype, case.remat,
          case.attention)
   reference.setdefault(key, median / batch)
-  return (f"{label} {s.model.num_params / 1e6:.1f}M | {batch}{note} | {median * 1e3:.1f} | "
+  return (f"{label} {setup.model.num_params / 1e6:.1f}M | {batch}{note} | {median * 1e3:.1f} | "
           f"{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} | {images:.1f} | "
           f"{model_flops / 1e9 if model_flops else float('nan'):.4g} | "
           f"{xla_flops * devices / batch / 1e9:.4g}{scanned} | {mfu} | {_gb(total)} | "

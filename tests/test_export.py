@@ -391,9 +391,9 @@ def test_import_learned_sigma_dit_into_a_workdir(torch_dit, tmp_path):
   net = checkpoints.import_state_dict(state_dict, config, drop_learned_sigma=True)
   workdir = str(tmp_path / "finetune")
   checkpoints.init_workdir(config, workdir, net)
-  s = train.setup(config)
+  setup = train.setup(config)
   mngr = checkpoint.manager(workdir, config.checkpoint)
-  restored, position = checkpoint.restore(mngr, s.abstract_state)
+  restored, position = checkpoint.restore(mngr, setup.abstract_state)
   mngr.close()
   assert int(restored["step"]) == 0 and position == 0
   _assert_bit_exact(net, jax.device_get(restored["params"]["net"]))

@@ -260,8 +260,8 @@ def test_mmd2_gradient_is_finite_on_the_diagonal():
 # --- the loss ---------------------------------------------------------------------------------
 
 def _init(config, devices):
-  s = train.setup(config, devices)
-  return s, train.init_state(s)
+  setup = train.setup(config, devices)
+  return setup, train.init_state(setup)
 
 
 def _perturbed_net(state, seed=0, std=0.05):
@@ -273,9 +273,9 @@ def _perturbed_net(state, seed=0, std=0.05):
 
 def test_loss_is_invariant_to_particle_order_within_groups():
   config = tiny_imm_config()
-  s, state = _init(config, jax.devices()[:1])
+  setup, state = _init(config, jax.devices()[:1])
   net = _perturbed_net(state)
-  group_losses = jax.jit(imm.make_group_losses(config, s.model.apply))
+  group_losses = jax.jit(imm.make_group_losses(config, setup.model.apply))
   rng = np.random.default_rng(7)
   groups, m = 8, 4
   x = rng.normal(size=(groups * m, 8, 8, 1)).astype(np.float32)
@@ -304,12 +304,12 @@ def test_loss_and_gradients_agree_on_one_and_eight_devices():
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     config = tiny_imm_config()
-    s, state = _init(config, devices)
+    setup, state = _init(config, devices)
     params = dict(state["params"], net=jax.device_put(_perturbed_net(state),
-                                                      s.state_shardings["params"]["net"]))
+                                                      setup.state_shardings["params"]["net"]))
     iterator = data.build_iterator(config.data, global_batch_size=32, seed=0,
-                                   sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
-    grad_fn = jax.jit(jax.value_and_grad(s.objective.loss, has_aux=True))
+                                   sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
+    grad_fn = jax.jit(jax.value_and_grad(setup.objective.loss, has_aux=True))
     (loss, metrics), grads = grad_fn(params, next(iterator), jax.random.key(3))
     results.append(jax.device_get((loss, metrics["mmd2"], grads)))
   (loss_1, mmd_1, grads_1), (loss_8, mmd_8, grads_8) = results
@@ -330,16 +330,16 @@ def test_the_float32_target_pass_reads_the_stored_weights_in_the_train_step():
   config = tiny_imm_config()
   config.model.compute_dtype = "bfloat16"
   assert config.objective.imm.target_full_precision
-  s, state = _init(config, jax.devices()[:1])
+  setup, state = _init(config, jax.devices()[:1])
   state = dict(state, params=dict(state["params"], net=jax.device_put(_perturbed_net(state))))
   batch = next(data.build_iterator(config.data, global_batch_size=32, seed=0,
-                                   sharding=parallel.batch_sharding(s.mesh, config.mesh.rules)))
+                                   sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules)))
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-  loss = jax.jit(lambda params: s.objective.loss(params, batch, rng)[0])
+  loss = jax.jit(lambda params: setup.objective.loss(params, batch, rng)[0])
   stored = float(loss(state["params"]))
-  cast = float(loss(dict(state["params"], net=s.model.compute_weights(state["params"]["net"]))))
+  cast = float(loss(dict(state["params"], net=setup.model.compute_weights(state["params"]["net"]))))
   assert abs(cast - stored) > 1e-5 * abs(stored)   # the target pass does see the rounding
-  _, metrics = train_state.make_train_step(s)(state, batch)
+  _, metrics = train_state.make_train_step(setup)(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), stored, rtol=1e-6)
 
 
@@ -469,10 +469,10 @@ def test_guidance_acts_on_the_raw_output_and_times_reach_the_network(method):
 def test_in256_config_builds_the_full_model_and_mesh():
   config = imm_in256.get_config()
   config.data.latents_path = "/latents"   # read only when the data iterator starts
-  s = train.setup(config, jax.devices())
+  setup = train.setup(config, jax.devices())
   assert config.training.batch_size == 4096 and config.objective.imm.group_size == 4
-  assert 675e6 < s.model.num_params < 680e6  # DiT-XL/2 (675M) plus the second time embedder
-  assert s.mesh.size == 8 and s.objective.group_size == 4
+  assert 675e6 < setup.model.num_params < 680e6  # DiT-XL/2 (675M) plus the second time embedder
+  assert setup.mesh.size == 8 and setup.objective.group_size == 4
 
 
 def test_in256_config_runs_two_steps_with_a_tiny_model(tmp_path):

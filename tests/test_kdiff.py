@@ -294,11 +294,11 @@ def _tiny_trainer_config():
 
 def test_trainer_trains_w_k_tracks_it_in_the_ema_and_logs_k():
   config = _tiny_trainer_config()
-  s = train.setup(config, jax.devices()[:1])
-  state = train.init_state(s)
-  step = train.make_train_step(s)
+  setup = train.setup(config, jax.devices()[:1])
+  state = train.init_state(setup)
+  step = train.make_train_step(setup)
   iterator = data.build_iterator(config.data, global_batch_size=8, seed=0,
-                                 sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
+                                 sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
   w_k = float(state["params"]["w_k"])
   ema = float(state["ema"]["0.5"]["w_k"])
   assert w_k == ema == 0.0
@@ -337,10 +337,10 @@ def test_k_is_written_every_step_and_the_loss_every_log_every(tmp_path):
   scalars = _scalars(tmp_path)
 
   # The same steps replayed by hand: the step's k and the loss averaged over 3 steps.
-  s = train.setup(config)
-  state, step = train.init_state(s), train.make_train_step(s)
+  setup = train.setup(config)
+  state, step = train.init_state(setup), train.make_train_step(setup)
   iterator = data.build_iterator(config.data, global_batch_size=8, seed=config.seed,
-                                 sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
+                                 sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
   ks, losses = [], []
   for _ in range(6):
     state, metrics = step(state, next(iterator))

@@ -101,9 +101,9 @@ def final_state(workdir, devices=None, **mesh):
   c = config()
   for axis, size in mesh.items():
     c.mesh[axis] = size
-  s = train.setup(c, devices)
+  setup = train.setup(c, devices)
   mngr = checkpoint.manager(workdir, c.checkpoint)
-  state, _ = checkpoint.restore(mngr, s.abstract_state)
+  state, _ = checkpoint.restore(mngr, setup.abstract_state)
   mngr.close()
   return jax.device_get(state)
 

@@ -51,13 +51,13 @@ def _nbytes(tree) -> int:
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def assert_fsdp_holds(s, compiled: aot.Compiled):
+def assert_fsdp_holds(setup, compiled: aot.Compiled):
   """What the default rules promise for fsdp = 4, checked on the compiled train step: every
   parameter with an 'embed' dim (('embed', 'fsdp')), its Adam moments and EMA are sharded over
   fsdp, and a chip holds a quarter of the state."""
   state_shardings = jax.tree_util.tree_leaves_with_path(compiled.input_shardings[0][0])
   logical = jax.tree_util.tree_leaves_with_path(
-      s.model.logical_net, is_leaf=lambda x: isinstance(x, P))
+      setup.model.logical_net, is_leaf=lambda x: isinstance(x, P))
   promised = {jax.tree_util.keystr(path): "embed" in spec for path, spec in logical}
   checked = 0
   for path, sharding in state_shardings:
@@ -69,16 +69,16 @@ def assert_fsdp_holds(s, compiled: aot.Compiled):
       assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), (path, sharding.spec)
       checked += 1
   assert checked >= 3 * len([p for p in promised.values() if p])  # params, mu, nu, EMA
-  total = _nbytes(s.abstract_state) + BATCH * (8 * 8 * 4 * 4 + 4)
+  total = _nbytes(setup.abstract_state) + BATCH * (8 * 8 * 4 * 4 + 4)
   assert compiled.args == pytest.approx(total / 4, rel=0.1), (compiled.args, total)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_tiny_dit_compiles_for_two_hosts_and_shards_as_promised(devices, scan):
-  s, compiled = aot.compile_train_step(_tiny_config(scan=scan), devices)
+  setup, compiled = aot.compile_train_step(_tiny_config(scan=scan), devices)
   assert compiled.ok, compiled.error
-  assert s.mesh.shape["fsdp"] == 4
-  assert_fsdp_holds(s, compiled)
+  assert setup.mesh.shape["fsdp"] == 4
+  assert_fsdp_holds(setup, compiled)
   gathered = compiled.collectives["all-gather"].shapes
   assert gathered, "FSDP all-gathers the parameters"
   # No [B, tokens, ...] activation (nor B*tokens rows) is gathered; XLA may gather the [B, D]
@@ -92,15 +92,15 @@ def test_tiny_dit_compiles_for_two_hosts_and_shards_as_promised(devices, scan):
 def test_the_check_fails_when_embed_maps_to_nothing(devices):
   """With ('embed', None) the weights are replicated: the promise above must not hold."""
   rules = tuple(rule for rule in default.get_config().mesh.rules if rule[0] != "embed")
-  s, compiled = aot.compile_train_step(_tiny_config(rules + (("embed", None),)), devices)
+  setup, compiled = aot.compile_train_step(_tiny_config(rules + (("embed", None),)), devices)
   assert compiled.ok, compiled.error
   with pytest.raises(AssertionError):
-    assert_fsdp_holds(s, compiled)
+    assert_fsdp_holds(setup, compiled)
 
 
 def test_sampler_compiles_batch_sharded(devices):
-  s = train.setup(_tiny_config(), devices)
-  compiled = aot.compile_sampler(s)
+  setup = train.setup(_tiny_config(), devices)
+  compiled = aot.compile_sampler(setup)
   assert compiled.ok, compiled.error
   assert compiled.output_shardings.spec[0] == ("data", "fsdp")
 
@@ -122,10 +122,10 @@ def test_meanflow_all_reduces_each_weight_gradient_once(devices):
   config.objective.meanflow.share_r_equals_t = 0.5   # groups of 2: 10 rows per chip
   config.objective.meanflow.omega, config.objective.meanflow.kappa = 0.5, 0.3
   config.sampling.method = "mean_flow"
-  s, compiled = aot.compile_train_step(config, devices)
+  setup, compiled = aot.compile_train_step(config, devices)
   assert compiled.ok, compiled.error
-  assert s.mesh.shape["data"] == 4
-  float32_bytes = _nbytes(s.model.abstract_net)
+  assert setup.mesh.shape["data"] == 4
+  float32_bytes = _nbytes(setup.model.abstract_net)
   reduced = compiled.collectives["all-reduce"].result_bytes
   assert 0.4 * float32_bytes < reduced < 0.75 * float32_bytes, (reduced, float32_bytes)
 
@@ -156,10 +156,10 @@ def test_an_fsdp_step_reduce_scatters_its_gradients(fsdp_meanflow):
   """libtpu reduces an FSDP gradient in a fusion that all-reduces the full shape and slices the
   chip's shard out: read as the chip runs it, every weight's gradient is reduce-scattered to a
   shard-sized result, once, and no full-shape gradient is all-reduced."""
-  s, compiled = fsdp_meanflow["once"]
+  setup, compiled = fsdp_meanflow["once"]
   assert compiled.ok, compiled.error
-  net = jax.tree.leaves(s.model.abstract_net)
-  sharded = [x for x, sharding in zip(net, jax.tree.leaves(s.weights.shardings["net"]))
+  net = jax.tree.leaves(setup.model.abstract_net)
+  sharded = [x for x, sharding in zip(net, jax.tree.leaves(setup.weights.shardings["net"]))
              if "fsdp" in jax.tree.leaves(tuple(sharding.spec))]
   full_shapes = {tuple(x.shape) for x in sharded}
   shard_shapes = {tuple(d // 4 if d == max(x.shape) else d for d in x.shape) for x in sharded}
@@ -168,7 +168,7 @@ def test_an_fsdp_step_reduce_scatters_its_gradients(fsdp_meanflow):
   assert not set(scattered.shapes) & full_shapes
   all_reduced = compiled.collectives.get("all-reduce")
   assert not all_reduced or not set(all_reduced.shapes) & full_shapes, all_reduced.shapes
-  ideal = aot.ideal_collectives(s)
+  ideal = aot.ideal_collectives(setup)
   assert scattered.sent_bytes == pytest.approx(ideal["reduce-scatter"], rel=0.25)
 
 

@@ -337,14 +337,14 @@ def test_loss_and_gradients_agree_on_one_and_eight_devices():
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     config = tiny_tvm_config()
-    s = train.setup(config, devices)
-    state = train.init_state(s)
+    setup = train.setup(config, devices)
+    state = train.init_state(setup)
     iterator = data.build_iterator(config.data, global_batch_size=16, seed=0,
-                                   sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
+                                   sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
     # a teacher apart from the online weights, so the terminal term is not trivially small
     teacher = jax.tree.map(lambda p: p * 0.9, state["params"])
     params = jax.tree.map(lambda p: p + 0.01, state["params"])
-    grad_fn = jax.jit(jax.value_and_grad(s.objective.loss, has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(setup.objective.loss, has_aux=True))
     (loss, metrics), grads = grad_fn(params, next(iterator), jax.random.key(3), teacher)
     results.append(jax.device_get((loss, metrics["terminal"], grads)))
   (loss_1, terminal_1, grads_1), (loss_8, terminal_8, grads_8) = results

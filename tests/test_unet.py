@@ -258,18 +258,18 @@ def test_imm_cifar10_trains_two_steps_at_tiny_size():
   config.model.size = "T"
   config.training.batch_size = 8
   config.training.ema_decays = ()
-  s = train.setup(config, jax.devices()[:1])
+  setup = train.setup(config, jax.devices()[:1])
   # The initial state without compiling the net's 45 random initialisers (train.init_state: ~30 s
   # on a 2-core CPU): AdamW's zero state and small random weights.
-  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.abstract_state)
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), setup.abstract_state)
   rng = np.random.default_rng(0)
   start = jax.tree.map(lambda a: (0.05 * rng.normal(size=a.shape)).astype(a.dtype),
                        zeros["params"]["net"])
   train_state = jax.device_put({**zeros, "params": {**zeros["params"], "net": start}},
-                               s.state_shardings)
-  step = train.make_train_step(s)
+                               setup.state_shardings)
+  step = train.make_train_step(setup)
   batches = data.build_iterator(config.data, global_batch_size=8, seed=0,
-                                sharding=parallel.batch_sharding(s.mesh, config.mesh.rules))
+                                sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules))
   losses = []
   for _ in range(2):
     train_state, metrics = step(train_state, next(batches))
