@@ -32,8 +32,9 @@ things the instruction alone does not say are read from around it:
 of S bytes (the gathered result, the reduced input), each chip sends, and receives as much:
 all-gather and reduce-scatter (n−1)/n·S, all-reduce 2(n−1)/n·S (a reduce-scatter then an
 all-gather), all-to-all (n−1)/n·S, collective-permute S. The groups come from `replica_groups`
-in any of XLA's three spellings (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]`, and libtpu's named
-`mesh['axis_0'=4,'axis_1'=1] {'axis_0'}`); with the program's mesh the group is named by the mesh
+in any of XLA's spellings (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]`, and libtpu's named
+`mesh['axis_0'=4,'axis_1'=1] {'axis_0'}`, optionally with `device_ids=([4,16]T(1,0))` giving
+the devices' order); with the program's mesh the group is named by the mesh
 axes it spans (`fsdp`, `data`, ...): a program's device i is `mesh.devices.flat[i]`.
 
 **The ideal** (`ideal`) is what a step must send at the least, per parameter p of B_p compute-dtype
@@ -64,7 +65,8 @@ _CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[0-9,\s]*\},?\s*)*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
-_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]"
+                          r"(?:,\s*device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?\s*\{([^}]*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +233,8 @@ def _counted_trips(condition) -> int | None:
 
 def _group(line: str) -> tuple:
   """(group size, the device ids of the first group) of an instruction's replica_groups;
-  (0, None) when it names none or `{}`: one group of every device."""
+  (0, None) when it names none or `{}`: one group of every device. A spelling this does not
+  read is an error, never a guess."""
   explicit = _EXPLICIT_GROUPS.search(line)
   if explicit:
     groups = re.findall(r"\{([0-9,\s]*)\}", explicit.group(1))
@@ -247,13 +250,21 @@ def _group(line: str) -> tuple:
     ids = ids.reshape(group_shape[0], -1)
     return ids.shape[1], [int(i) for i in ids[0]]
   mesh = _MESH_GROUPS.search(line)
-  if mesh:
+  if mesh:   # named axes over the devices in iota order, or in the order device_ids gives
     sizes = [(name, int(size)) for name, size in re.findall(r"'([\w]+)'=(\d+)", mesh.group(1))]
-    spanned = set(re.findall(r"'([\w]+)'", mesh.group(2)))
-    ids = np.arange(math.prod(s for _, s in sizes)).reshape([s for _, s in sizes])
+    spanned = set(re.findall(r"'([\w]+)'", mesh.group(4)))
+    ids = np.arange(math.prod(s for _, s in sizes))
+    if mesh.group(2):
+      ids = ids.reshape([int(d) for d in mesh.group(2).split(",")])
+      if mesh.group(3):
+        ids = ids.transpose([int(d) for d in mesh.group(3).split(",")])
+    ids = ids.reshape([s for _, s in sizes])
     index = tuple(slice(None) if name in spanned else 0 for name, _ in sizes)
     first = ids[index].ravel()
     return len(first), [int(i) for i in first]
+  if "replica_groups=" in line:
+    raise ValueError("replica_groups in a spelling collectives.py does not read: "
+                     + line[line.index("replica_groups="):][:120])
   return 0, None
 
 

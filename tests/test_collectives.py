@@ -99,6 +99,25 @@ def test_groups_in_every_spelling_and_the_axes_they_span():
   assert found["reduce-scatter.4"].axes == ("data", "fsdp")
 
 
+def test_named_groups_over_a_device_order():
+  """libtpu's `mesh[...], device_ids=([4,16]T(1,0)) {axis}`: the devices of the named mesh in
+  the order of that transposed iota, here a data 4 x fsdp 16 mesh's two axes."""
+  mesh = _Mesh((4, 16, 1), ("data", "fsdp", "tensor"))
+  line = ("  %all-gather.1 = bf16[64,1024]{1,0} all-gather(%p), channel_id=1, "
+          "replica_groups=mesh['axis_0'=1,'axis_1'=16,'axis_2'=4], device_ids=([4,16]T(1,0)) "
+          "{'AXIS'}, dimensions={0}")
+  for spanned, size, axes in (("axis_1", 16, ("fsdp",)), ("axis_2", 4, ("data",))):
+    hlo = HLO.replace(HLO[HLO.index("  %all-gather.1 ="):HLO.index("\n", HLO.index("  %all-gather.1 ="))],
+                      line.replace("AXIS", spanned))
+    gather = {c.name: c for c in collectives.read(hlo, mesh)}["all-gather.1"]
+    assert (gather.group_size, gather.axes) == (size, axes)
+
+
+def test_an_unread_spelling_of_the_groups_is_an_error():
+  with pytest.raises(ValueError, match="replica_groups"):
+    collectives.read(HLO.replace("replica_groups={{0,1,2,3}}", "replica_groups=<new>"))
+
+
 def test_ring_bytes_and_loop_trips():
   found = _by_name()
   gather = found["all-gather.1"]
