@@ -180,12 +180,12 @@ def _sampler_setup(config):
 def _torch_sample(torch_load, torch_sampling, config, params, noise, labels):
   import torch
   description = objectives.describe(config)
-  meta = dict(model=checkpoints.model_spec(config),
+  meta = dict(model=convert.model_spec(config),
               objective=checkpoints.objective_meta(config, description, {"ema": params}),
               sampling=checkpoints.sampling_meta(config, description),
               weights=dict(safetensors="ema"))
   meta = json.loads(json.dumps(meta))  # what a PyTorch user reads back
-  module = _load(torch_load.build(meta["model"]), checkpoints.net_to_torch(config, params["net"]))
+  module = _load(torch_load.build(meta["model"]), convert.net_to_torch(config, params["net"]))
   out = torch_sampling.sample(module, meta, torch.from_numpy(noise).permute(0, 3, 1, 2),
                               torch.from_numpy(labels))
   return out.permute(0, 2, 3, 1).numpy()

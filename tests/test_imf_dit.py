@@ -355,14 +355,14 @@ def test_config_refusals(field, value, message):
 
 
 def test_export_spec_and_state_dict_build_the_twin():
-  """export.checkpoints: model_spec -> torch_load.build, net_to_torch -> a strict load, and the
+  """export.convert: model_spec -> torch_load.build, net_to_torch -> a strict load, and the
   twin gives the JAX network's u."""
-  from kdiff_jax.export import checkpoints, torch_load
+  from kdiff_jax.export import torch_load
   config = tiny_config()
   depth, hidden, _, head_depth = imf_dit.SIZES["T"]
   model = _model(hidden_size=hidden, depth=depth, head_depth=head_depth, in_channels=1)
-  twin = torch_load.build(checkpoints.model_spec(config))
-  state = {k: torch.from_numpy(v) for k, v in checkpoints.net_to_torch(config, _pure(model)).items()}
+  twin = torch_load.build(convert.model_spec(config))
+  state = {k: torch.from_numpy(v) for k, v in convert.net_to_torch(config, _pure(model)).items()}
   twin.load_state_dict(state, strict=True)
   x, y, h, omega, interval = _inputs()
   x = x[..., :1]

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import imm_cifar10, imm_cifar10_dit
 from kdiff_jax import config as config_lib, data, parallel, state, train
-from kdiff_jax.export import checkpoints, convert
+from kdiff_jax.export import convert
 from kdiff_jax.models import unet
 
 # Two levels (16x16, 8x8), attention at 16x16 (encoder blocks, the last decoder block) and in the
@@ -125,11 +125,11 @@ def test_flax_matches_the_torch_twin_and_round_trips(torch_unet):
 
 
 def test_export_spec_builds_the_torch_twin_of_the_config(torch_load, torch_unet):
-  """checkpoints.model_spec (as the export's JSON reads back) builds a torch module whose
+  """convert.model_spec (as the export's JSON reads back) builds a torch module whose
   state_dict has the keys and shapes of the config's exported weights."""
   config = imm_cifar10.get_config()
   config.model.size = "T"
-  spec = json.loads(json.dumps(checkpoints.model_spec(config)))
+  spec = json.loads(json.dumps(convert.model_spec(config)))
   assert spec["num_classes"] == 0 and spec["second_time_embedder"] and spec["dropout"] == 0.2
   module = torch_load.build(spec)
   abstract = state.build_model(config).abstract_net

@@ -27,72 +27,14 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 from safetensors import numpy as safetensors_numpy
 
-from kdiff_jax import checkpoint, config as config_lib, console, models, objectives, parallel
+from kdiff_jax import checkpoint, config as config_lib, console, objectives, parallel
 from kdiff_jax import sampling, state, train_state
 from kdiff_jax.export import convert, pretrained
-from kdiff_jax.models import dit, imf_dit, jit, unet
 
 # 2: objective.torch_sampler names the PyTorch sampler; iMF is objective.name = "imf".
 FORMAT = "kdiff_jax.export/2"
-
-
-def model_spec(config) -> dict:
-  """torch_load.build's constructor kwargs of config's model, with its 'name' ('dit', 'jit', 'unet')."""
-  model, data = config.model, config.data
-  common = dict(input_size=data.image_size, patch_size=model.patch_size,
-                in_channels=data.channels, mlp_ratio=model.mlp_ratio,
-                num_classes=data.num_classes, time_scale=model.time_scale)
-  if model.name == "dit":
-    depth, hidden_size, num_heads = dit.SIZES[model.size]
-    return dict(name="dit", hidden_size=hidden_size, depth=depth,
-                num_heads=model.num_heads or num_heads,
-                second_time_embedder=model.second_time_embedder, norm=model.norm,
-                qk_norm=model.qk_norm, modulation_norm=model.modulation_norm,
-                guidance_embedder=model.guidance_embedder, **common)
-  if model.name == "jit":
-    depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start = (
-        jit.SIZES[model.size])
-    return dict(name="jit", hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
-                in_context_start=in_context_start, **common)
-  if model.name == "unet":
-    model_channels, channel_mult, num_blocks, attn_resolutions = unet.SIZES[model.size]
-    return dict(name="unet", input_size=data.image_size, in_channels=data.channels,
-                num_classes=data.num_classes if model.class_conditional else 0,
-                model_channels=model_channels, channel_mult=list(channel_mult),
-                num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
-                dropout=model.dropout, second_time_embedder=model.second_time_embedder,
-                time_scale=model.time_scale)
-  if model.name == "imf_dit":
-    depth, hidden_size, num_heads, head_depth = imf_dit.SIZES[model.size]
-    return dict(name="imf_dit", input_size=data.image_size, patch_size=model.patch_size,
-                in_channels=data.channels, hidden_size=hidden_size, depth=depth,
-                num_heads=num_heads, head_depth=head_depth, mlp_ratio=model.mlp_ratio,
-                num_classes=data.num_classes)
-  raise ValueError(f"model.name={model.name!r}: export supports 'dit', 'jit', 'unet' and "
-                   "'imf_dit' (the torch twins have no MLP)")
-
-
-def _abstract_model(config):
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
-
-
-def pos_embed(config) -> np.ndarray:
-  """The fixed [T, D] sin-cos embedding of config's model (torch's `pos_embed`, unbatched)."""
-  return _abstract_model(config).pos_embed()
-
-
-def net_to_torch(config, net_params) -> dict:
-  """The torch state_dict of config's network (convert.to_torch, unet_to_torch, imf_dit_to_torch)."""
-  if config.model.name == "unet":
-    return convert.unet_to_torch(net_params)
-  if config.model.name == "imf_dit":
-    return convert.imf_dit_to_torch(net_params)
-  return convert.to_torch(net_params, pos_embed(config))
 
 
 def sampling_meta(config, description) -> dict:
@@ -127,7 +69,7 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
   description = objectives.describe(config)
   meta = dict(
       format=FORMAT,
-      model=model_spec(config),
+      model=convert.model_spec(config),
       objective=objective_meta(config, description, params_by_weights),
       sampling=sampling_meta(config, description),
       weights=dict(safetensors=exported, step=step,
@@ -145,7 +87,7 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
 def export_checkpoint(config, workdir: str, step=None) -> dict:
   """Write stepN.{safetensors, pt, json} of the checkpoint in workdir; return their paths."""
   config_lib.validate(config)
-  model_spec(config)  # fails before restoring for a model torch_load cannot build
+  convert.model_spec(config)  # fails before restoring for a model torch_load cannot build
   weights = state.Weights(config, parallel.make_mesh(config.mesh))
   raw, step = weights.restore(workdir, use_ema=False, step=step)
   params_by_weights = {"model": jax.device_get(raw)}
@@ -156,7 +98,7 @@ def export_checkpoint(config, workdir: str, step=None) -> dict:
     console.info("export: export.use_ema=True but training.ema_decays is empty: exporting the "
                  "raw weights")
 
-  state_dicts = {name: net_to_torch(config, params["net"])
+  state_dicts = {name: convert.net_to_torch(config, params["net"])
                  for name, params in params_by_weights.items()}
   output_dir = config.export.output_dir or os.path.join(workdir, "export")
   stem = f"step{step}"
@@ -201,12 +143,9 @@ def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -
   """Flax net params (a pure dict, `state['params']['net']`) of config's model from a torch
   DiT / JiT state_dict, or lumalabs/imm's IMMPrecond one (keys 'model.*', pretrained.py); see
   convert.from_torch for drop_learned_sigma."""
-  model_spec(config)
+  convert.model_spec(config)
   state_dict = pretrained.network_state_dict(state_dict, config.data.num_classes)
-  if config.model.name == "unet":
-    return convert.unet_from_torch(state_dict, lambda: models.build(config, nnx.Rngs(0)))[1]
-  return convert.from_torch(state_dict, state.build_model(config).abstract_net, pos_embed(config),
-                            drop_learned_sigma=drop_learned_sigma)
+  return convert.net_from_torch(config, state_dict, drop_learned_sigma=drop_learned_sigma)
 
 
 def init_workdir(config, workdir: str, net_params) -> None:

@@ -20,7 +20,10 @@ A model with scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of sha
 `per_block` and `stacked` convert to and from the per-block layout (blocks/3/attn/qkv/kernel)
 that torch names, so both layouts give the same state_dict.
 Every direction is exact (transposes only): Flax -> torch -> Flax gives the same bits.
+`BACKBONES` holds each network's torch side by `model.name` (`model_spec`, `net_to_torch`,
+`net_from_torch`): the one place that names the networks for export.
 """
+import dataclasses
 import types
 from typing import Callable, Iterable
 
@@ -28,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from kdiff_jax.models import imf_dit, unet
+from kdiff_jax.models import dit, imf_dit, jit, unet
 
 POS_EMBED = "pos_embed"
 FINAL_LINEAR = ("final_layer.linear.weight", "final_layer.linear.bias")
@@ -268,3 +271,118 @@ def load(build: Callable[[], nnx.Module], state_dict: dict[str, np.ndarray],
   if unused:
     raise ValueError(f"{len(unused)} weights do not fit the model, e.g. {unused[:5]}")
   return graphdef, params
+
+
+# --- each backbone's torch side, by model.name ----------------------------------------------------
+
+def _pos_embed(config) -> np.ndarray:
+  """The fixed [T, D] sin-cos embedding of config's DiT or JiT (torch's `pos_embed`, unbatched)."""
+  from kdiff_jax import models
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))).pos_embed()
+
+
+def _common(config) -> dict:
+  model, data = config.model, config.data
+  return dict(input_size=data.image_size, patch_size=model.patch_size,
+              in_channels=data.channels, mlp_ratio=model.mlp_ratio,
+              num_classes=data.num_classes, time_scale=model.time_scale)
+
+
+def _dit_spec(config) -> dict:
+  model = config.model
+  depth, hidden_size, num_heads = dit.SIZES[model.size]
+  return dict(hidden_size=hidden_size, depth=depth, num_heads=model.num_heads or num_heads,
+              second_time_embedder=model.second_time_embedder, norm=model.norm,
+              qk_norm=model.qk_norm, modulation_norm=model.modulation_norm,
+              guidance_embedder=model.guidance_embedder, **_common(config))
+
+
+def _jit_spec(config) -> dict:
+  depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start = (
+      jit.SIZES[config.model.size])
+  return dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+              bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
+              in_context_start=in_context_start, **_common(config))
+
+
+def _unet_spec(config) -> dict:
+  model, data = config.model, config.data
+  model_channels, channel_mult, num_blocks, attn_resolutions = unet.SIZES[model.size]
+  return dict(input_size=data.image_size, in_channels=data.channels,
+              num_classes=data.num_classes if model.class_conditional else 0,
+              model_channels=model_channels, channel_mult=list(channel_mult),
+              num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
+              dropout=model.dropout, second_time_embedder=model.second_time_embedder,
+              time_scale=model.time_scale)
+
+
+def _imf_dit_spec(config) -> dict:
+  model, data = config.model, config.data
+  depth, hidden_size, num_heads, head_depth = imf_dit.SIZES[model.size]
+  return dict(input_size=data.image_size, patch_size=model.patch_size,
+              in_channels=data.channels, hidden_size=hidden_size, depth=depth,
+              num_heads=num_heads, head_depth=head_depth, mlp_ratio=model.mlp_ratio,
+              num_classes=data.num_classes)
+
+
+def _abstract_net(config):
+  from kdiff_jax import state
+  return state.build_model(config).abstract_net
+
+
+def _build(config):
+  from kdiff_jax import models
+  return lambda: models.build(config, nnx.Rngs(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A network's torch side: torch_load.build's kwargs of a config, its state_dict from Flax
+  params, and Flax params from a state_dict (None where no import exists)."""
+  spec: Callable
+  to_torch: Callable
+  from_torch: Callable | None = None
+
+
+BACKBONES = {
+    "dit": Backbone(_dit_spec, lambda config, net: to_torch(net, _pos_embed(config)),
+                    lambda config, sd, drop: from_torch(sd, _abstract_net(config),
+                                                        _pos_embed(config),
+                                                        drop_learned_sigma=drop)),
+    "jit": Backbone(_jit_spec, lambda config, net: to_torch(net, _pos_embed(config)),
+                    lambda config, sd, drop: from_torch(sd, _abstract_net(config),
+                                                        _pos_embed(config),
+                                                        drop_learned_sigma=drop)),
+    "unet": Backbone(_unet_spec, lambda config, net: unet_to_torch(net),
+                     lambda config, sd, drop: unet_from_torch(sd, _build(config))[1]),
+    "imf_dit": Backbone(_imf_dit_spec, lambda config, net: imf_dit_to_torch(net)),
+}
+
+
+def backbone(config) -> Backbone:
+  """BACKBONES[model.name], or a ValueError naming the networks that have a torch twin."""
+  if config.model.name not in BACKBONES:
+    raise ValueError(f"model.name={config.model.name!r}: export supports {sorted(BACKBONES)} "
+                     "(the torch twins have no MLP)")
+  return BACKBONES[config.model.name]
+
+
+def model_spec(config) -> dict:
+  """torch_load.build's constructor kwargs of config's model, with its 'name'."""
+  return dict(name=config.model.name, **backbone(config).spec(config))
+
+
+def net_to_torch(config, net_params) -> dict[str, np.ndarray]:
+  """The torch state_dict of config's network."""
+  return backbone(config).to_torch(config, net_params)
+
+
+def net_from_torch(config, state_dict, *, drop_learned_sigma: bool = False) -> dict:
+  """Flax net params of config's network from a torch state_dict (from_torch's
+  drop_learned_sigma)."""
+  importer = backbone(config).from_torch
+  if importer is None:
+    raise ValueError(f"model.name={config.model.name!r}: importing a torch state_dict is "
+                     f"supported for {sorted(n for n, b in BACKBONES.items() if b.from_torch)}")
+  return importer(config, state_dict, drop_learned_sigma)
