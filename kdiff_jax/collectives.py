@@ -20,10 +20,10 @@ things the instruction alone does not say are read from around it:
   zeros (`dynamic-update-slice`) and all-reduces the full array. That is an all-gather the chip
   runs as an all-reduce: kind 'all-gather', `as_all_reduce`, and the all-reduce's bytes.
 * *Async chains.* libtpu runs a collective asynchronously by carrying it through a chain of
-  fusions (`async_collective_fusion*`, a `chain_id` attribute) that overlap it with compute;
-  each fusion of the chain holds a copy of the instruction with the same `channel_id` and
-  shapes. The chip runs it once: instructions of one kind, channel_id and shapes are one
-  collective.
+  fusions (`async_collective_fusion*`) that overlap it with compute; each fusion of the chain
+  holds a copy of the instruction, marked with the chain's `chain_id` attribute. The chip runs
+  it once: instructions of one kind, chain_id and shapes are one collective. (channel_id does not
+  tell: libtpu gives many distinct reduce-scatter fusions the same one.)
 * *Loops.* A collective inside a `while` body (`lax.scan` over the blocks) runs once per trip:
   `executions` multiplies the trip counts of the loops around it: XLA's `known_trip_count`, else
   the N of a `counter < N` condition (a scan's), else 1 and `trip_count_known` is False.
@@ -61,7 +61,7 @@ _OPCODE = re.compile(r"\s*([\w\-]+)\(")
 _CALLEES = re.compile(r"\b(calls|body|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([\w.\-]+)")
-_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_CHAIN = re.compile(r'\bchain_id="(\d+)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[0-9,\s]*\},?\s*)*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
@@ -328,7 +328,7 @@ def read(hlo_text: str, mesh=None) -> list:
   if entry is None:
     return []
   runs, known = _executions(computations, entry)
-  found, channels = [], set()
+  found, chains = [], set()
   for computation, instructions in computations.items():
     if computation not in runs:
       continue
@@ -340,12 +340,12 @@ def read(hlo_text: str, mesh=None) -> list:
       kind = instruction.opcode.removesuffix("-start")
       if kind not in KINDS:
         continue
-      channel = _CHANNEL.search(instruction.line)
-      if channel:   # one collective of an async chain (module docstring)
-        key = (kind, channel.group(1), _arrays(instruction.shape))
-        if key in channels:
+      chain = _CHAIN.search(instruction.line)
+      if chain:   # one collective of an async chain (module docstring)
+        key = (kind, chain.group(1), _arrays(instruction.shape))
+        if key in chains:
           continue
-        channels.add(key)
+        chains.add(key)
       results = _arrays(instruction.shape)
       if instruction.opcode.endswith("-start") and instruction.shape.startswith("("):
         # an async start's tuple holds its operands first, then its results

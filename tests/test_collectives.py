@@ -113,6 +113,40 @@ def test_named_groups_over_a_device_order():
     assert (gather.group_size, gather.axes) == (size, axes)
 
 
+CHAIN = """\
+%async_collective_fusion.1 (param_0.1: bf16[16,64]) -> bf16[64,64] {
+  %param_0.1 = bf16[16,64]{1,0} parameter(0)
+  ROOT %all-gather.5 = bf16[64,64]{1,0} all-gather(%param_0.1), channel_id=21, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="5"}
+}
+
+%fused_computation.2 (param_0.2: bf16[16,64]) -> bf16[64,64] {
+  %param_0.2 = bf16[16,64]{1,0} parameter(0)
+  ROOT %all-gather.6 = bf16[64,64]{1,0:S(1)} all-gather(%param_0.2), channel_id=21, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="5"}
+}
+
+ENTRY %main (p0: bf16[16,64], p1: bf16[128,768], p2: bf16[128,768]) -> bf16[64,64] {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %p1 = bf16[128,768]{1,0} parameter(1)
+  %p2 = bf16[128,768]{1,0} parameter(2)
+  %fusion.1 = bf16[64,64]{1,0} fusion(%p0), kind=kCustom, calls=%async_collective_fusion.1
+  %fusion.3 = bf16[32,768]{1,0} fusion(%p1), kind=kCustom, calls=%all-reduce-scatter.3
+  %fusion.4 = bf16[32,768]{1,0} fusion(%p2), kind=kCustom, calls=%all-reduce-scatter.4
+  ROOT %fusion.2 = bf16[64,64]{1,0} fusion(%fusion.1), kind=kCustom, calls=%fused_computation.2
+}
+"""
+
+
+def test_an_async_chain_is_one_collective_and_a_shared_channel_id_is_not():
+  """The copies of one all-gather in the fusions of its chain (same chain_id) are one; two
+  reduce-scatter fusions of the same shapes that libtpu gave the same channel_id are two."""
+  scatter = HLO[HLO.index("%all-reduce-scatter.3"):HLO.index("%body.7")]
+  hlo = scatter + scatter.replace("scatter.3", "scatter.4").replace("input.3", "input.4") + CHAIN
+  summary = collectives.summarize(collectives.read(hlo))
+  assert summary["all-gather"].count == 1
+  assert summary["all-gather"].sent_bytes == pytest.approx(3 / 4 * 64 * 64 * 2)
+  assert summary["reduce-scatter"].count == 2
+
+
 def test_an_unread_spelling_of_the_groups_is_an_error():
   with pytest.raises(ValueError, match="replica_groups"):
     collectives.read(HLO.replace("replica_groups={{0,1,2,3}}", "replica_groups=<new>"))
