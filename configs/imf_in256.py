@@ -86,6 +86,11 @@ def get_config():
   config.sampling.guidance_scale = 8.0
   config.sampling.guidance_interval = (0.42, 0.62)
 
+  # FSDP over every device. On a v5p-128 prefer --config.mesh.data=4 --config.mesh.fsdp=16:
+  # libtpu runs an all-gather or reduce-scatter over all 64 chips (a 3-D group of the 4x4x4
+  # torus) as an all-reduce, twice the bytes, while fsdp groups of 16 (a 4x4 plane) keep them
+  # native; the state per chip grows 4x, still under 1 GB (benchmarks/RESULTS.md, "Pod figures
+  # as the chip runs them").
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config

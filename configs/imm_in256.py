@@ -78,6 +78,11 @@ def get_config():
   # the start-up check refuses to replicate them): then 6.8 GB of 16. v4-32 does not fit batch
   # 4096 (256 images per chip ask 73 GB, 43 GB with remat, of 30.75): with remat it takes 2816;
   # use a larger v4 slice.
+  # FSDP over every device. On a v5p-128 prefer --config.mesh.data=4 --config.mesh.fsdp=16:
+  # libtpu runs an all-gather or reduce-scatter over all 64 chips (a 3-D group of the 4x4x4
+  # torus) as an all-reduce, twice the bytes, while fsdp groups of 16 (a 4x4 plane) keep them
+  # native; the state per chip grows 4x, still under 1 GB (benchmarks/RESULTS.md, "Pod figures
+  # as the chip runs them").
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config

@@ -167,8 +167,12 @@ class _Instruction:
 
 
 def parse(hlo_text: str) -> tuple:
-  """({computation: [_Instruction]}, the ENTRY computation's name) of HLO module text."""
+  """({computation: [_Instruction]}, the ENTRY computation's name) of HLO module text (or of a
+  fragment of instructions, read as one computation)."""
   computations, entry, current = {}, None, None
+  if not re.search(r"^ENTRY\s", hlo_text, re.M):   # a fragment: its lines are one computation
+    entry = current = "ENTRY"
+    computations[entry] = []
   for line in hlo_text.splitlines():
     header = _HEADER.match(line)
     if header and not line.startswith(" "):

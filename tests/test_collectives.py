@@ -147,6 +147,26 @@ def test_an_async_chain_is_one_collective_and_a_shared_channel_id_is_not():
   assert summary["reduce-scatter"].count == 2
 
 
+def test_an_async_start_counts_its_results_once():
+  """An HLO fragment in the older spelling (operand shapes inline): the -start is counted with
+  its results only (its tuple holds the operand first), the -done not at all."""
+  fragment = """
+  %ag = (bf16[1,32,24]{1,2,0}, bf16[4,32,24]{1,2,0}) all-gather-start(bf16[1,32,24]{1,2,0} %p), dimensions={0}, replica_groups={{0,1,2,3}}
+  %ag.d = bf16[4,32,24]{1,2,0} all-gather-done(%ag)
+  %ar = (f32[64,192]{1,0}, f32[128]{0}) all-reduce(f32[64,192]{1,0} %a, f32[128]{0} %b), to_apply=%sum
+  %ar.2 = f32[8]{0} all-reduce(f32[8]{0} %c), to_apply=%sum
+"""
+  summary = collectives.summarize(collectives.read(fragment, _Mesh((1, 4, 1), ("data", "fsdp", "tensor"))))
+  assert set(summary) == {"all-gather", "all-reduce"}
+  assert summary["all-gather"].count == 1 and summary["all-gather"].shapes == ((4, 32, 24),)
+  assert summary["all-gather"].result_bytes == 4 * 32 * 24 * 2
+  assert summary["all-reduce"].count == 2
+  assert summary["all-reduce"].result_bytes == (64 * 192 + 128 + 8) * 4
+  assert summary["all-reduce"].shapes == ((64, 192), (128,), (8,))
+  # no replica_groups: one group of the mesh's 4 devices
+  assert summary["all-reduce"].sent_bytes == pytest.approx(2 * 3 / 4 * (64 * 192 + 128 + 8) * 4)
+
+
 def test_an_unread_spelling_of_the_groups_is_an_error():
   with pytest.raises(ValueError, match="replica_groups"):
     collectives.read(HLO.replace("replica_groups={{0,1,2,3}}", "replica_groups=<new>"))

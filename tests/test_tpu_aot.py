@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from kdiff_jax import aot, hardware, train
+from kdiff_jax import aot, collectives, hardware, train
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -154,22 +154,23 @@ def fsdp_meanflow(devices):
 
 def test_an_fsdp_step_reduce_scatters_its_gradients(fsdp_meanflow):
   """libtpu reduces an FSDP gradient in a fusion that all-reduces the full shape and slices the
-  chip's shard out: read as the chip runs it, every weight's gradient is reduce-scattered to a
-  shard-sized result, once, and no full-shape gradient is all-reduced."""
+  chip's shard out: read as the chip runs it, each weight's gradient is reduce-scattered from
+  its full shape to a quarter of it, and no full-shape gradient is all-reduced."""
   setup, compiled = fsdp_meanflow["once"]
   assert compiled.ok, compiled.error
-  net = jax.tree.leaves(setup.model.abstract_net)
-  sharded = [x for x, sharding in zip(net, jax.tree.leaves(setup.weights.shardings["net"]))
-             if "fsdp" in jax.tree.leaves(tuple(sharding.spec))]
-  full_shapes = {tuple(x.shape) for x in sharded}
-  shard_shapes = {tuple(d // 4 if d == max(x.shape) else d for d in x.shape) for x in sharded}
-  scattered = compiled.collectives["reduce-scatter"]
-  assert set(scattered.shapes) & shard_shapes, scattered.shapes
-  assert not set(scattered.shapes) & full_shapes
-  all_reduced = compiled.collectives.get("all-reduce")
-  assert not all_reduced or not set(all_reduced.shapes) & full_shapes, all_reduced.shapes
+  sharded = {tuple(x.shape) for x, sharding in zip(
+      jax.tree.leaves(setup.model.abstract_net), jax.tree.leaves(setup.weights.shardings["net"]))
+      if "fsdp" in jax.tree.leaves(tuple(sharding.spec)) and math.prod(x.shape) >= 4096}
+  found = collectives.read(compiled.hlo, setup.mesh)
+  scattered = [(full, result) for c in found if c.kind == "reduce-scatter"
+               for (_, full), (_, result) in zip(c.full_shapes, c.result_shapes)]
+  assert {full for full, _ in scattered} >= sharded, sharded - {full for full, _ in scattered}
+  assert all(math.prod(full) == 4 * math.prod(result) for full, result in scattered), scattered
+  all_reduced = {shape for c in found if c.kind == "all-reduce" for _, shape in c.full_shapes}
+  assert not all_reduced & sharded, all_reduced & sharded
   ideal = aot.ideal_collectives(setup)
-  assert scattered.sent_bytes == pytest.approx(ideal["reduce-scatter"], rel=0.25)
+  assert compiled.collectives["reduce-scatter"].sent_bytes == pytest.approx(
+      ideal["reduce-scatter"], rel=0.25)
 
 
 def test_meanflow_gathers_each_weight_once_per_step(fsdp_meanflow):
