@@ -216,6 +216,18 @@ def test_torch_schedules_and_imm_maps_match_jax(torch_sampling, schedule):
                                  err_msg=f"{f_type} s={s} t={t}")
 
 
+def _assert_torch_samples_like_jax(torch_load, torch_sampling, config, what: str, tolerance):
+  """The export of a random network of config samples in torch as sampling.build's JAX sampler
+  does (to `tolerance`), and the samples moved away from the noise."""
+  net, sampler = _sampler_setup(config)
+  noise, labels = _noise_and_labels(config)
+  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
+  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
+  error = np.max(np.abs(expected - got))
+  print(f"{what}: max error {error:.2e}")
+  assert np.max(np.abs(expected - noise)) > 0.1 and error <= tolerance
+
+
 @pytest.mark.parametrize("f_type, time_conditioning, guidance_scale", [
     ("euler_fm", "identity", 1.5), ("simple_edm", "stride", 1.0)])
 def test_imm_pushforward_samples_match_jax(torch_load, torch_sampling, f_type, time_conditioning,
@@ -226,13 +238,9 @@ def test_imm_pushforward_samples_match_jax(torch_load, torch_sampling, f_type, t
   config.objective.imm.time_conditioning = time_conditioning
   config.sampling.guidance_scale = guidance_scale
   assert config.sampling.method == "pushforward" and config.sampling.num_steps == 4
-  net, sampler = _sampler_setup(config)
-  noise, labels = _noise_and_labels(config)
-  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
-  error = np.max(np.abs(expected - got))
-  print(f"IMM {f_type}/{time_conditioning} w={guidance_scale}, 4 steps: max error {error:.2e}")
-  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-3
+  _assert_torch_samples_like_jax(torch_load, torch_sampling, config,
+                                 f"IMM {f_type}/{time_conditioning} w={guidance_scale}, 4 steps",
+                                 1e-3)
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
@@ -240,13 +248,8 @@ def test_mean_flow_samples_match_jax(torch_load, torch_sampling, num_steps):
   config = meanflow_digits.get_config()
   config.model.size = "T"
   config.sampling.num_steps = num_steps
-  net, sampler = _sampler_setup(config)
-  noise, labels = _noise_and_labels(config)
-  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
-  error = np.max(np.abs(expected - got))
-  print(f"MeanFlow {num_steps} step(s): max error {error:.2e}")
-  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+  _assert_torch_samples_like_jax(torch_load, torch_sampling, config,
+                                 f"MeanFlow {num_steps} step(s)", 1e-5)
 
 
 @pytest.mark.parametrize("num_steps, cfg, scale_output", [(1, 2.0, True), (2, 1.5, False),
@@ -258,13 +261,8 @@ def test_tvm_samples_match_jax(torch_load, torch_sampling, num_steps, cfg, scale
   config.model.size = "T"
   config.sampling.num_steps, config.sampling.guidance_scale = num_steps, cfg
   config.objective.tvm.scale_output = scale_output
-  net, sampler = _sampler_setup(config)
-  noise, labels = _noise_and_labels(config)
-  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
-  error = np.max(np.abs(expected - got))
-  print(f"TVM {num_steps} step(s), cfg {cfg}: max error {error:.2e}")
-  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+  _assert_torch_samples_like_jax(torch_load, torch_sampling, config,
+                                 f"TVM {num_steps} step(s), cfg {cfg}", 1e-5)
 
 
 @pytest.mark.parametrize("num_steps, omega, interval", [(1, 3.0, (0.3, 0.7)), (2, 1.5, (0.0, 1.0))])
@@ -275,13 +273,9 @@ def test_imf_samples_match_jax(torch_load, torch_sampling, num_steps, omega, int
   config.model.size = "T"
   config.sampling.num_steps, config.sampling.guidance_scale = num_steps, omega
   config.sampling.guidance_interval = interval
-  net, sampler = _sampler_setup(config)
-  noise, labels = _noise_and_labels(config)
-  expected = np.asarray(sampler({"net": net}, noise, labels, jax.random.key(0)))
-  got = _torch_sample(torch_load, torch_sampling, config, {"net": net}, noise, labels)
-  error = np.max(np.abs(expected - got))
-  print(f"iMF {num_steps} step(s), omega {omega}, interval {interval}: max error {error:.2e}")
-  assert np.max(np.abs(expected - noise)) > 0.1 and error <= 1e-5
+  _assert_torch_samples_like_jax(torch_load, torch_sampling, config,
+                                 f"iMF {num_steps} step(s), omega {omega}, interval {interval}",
+                                 1e-5)
 
 
 def test_an_objective_without_a_torch_sampler_is_refused_by_name(torch_sampling):
