@@ -78,8 +78,9 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
       layout="torch NCHW; t in [0, 1] with t = 0 data, t = 1 noise; label num_classes = null",
       config=json.loads(config.to_json()),
   )
-  if config.objective.name == "imm" and config.model.name in ("dit", "unet"):
-    meta["imm_precond"] = pretrained.imm_precond_kwargs(config)
+  precond = pretrained.imm_precond_export(config)
+  if precond is not None:
+    meta["imm_precond"] = precond
     meta["files"]["imm_precond"] = stem + "_immprecond.pt"
   return meta
 

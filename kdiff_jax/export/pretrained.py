@@ -61,9 +61,13 @@ def to_imm_precond(state_dict) -> dict:
   return {PREFIX + key: value for key, value in state_dict.items()}
 
 
-def imm_precond_kwargs(config) -> dict:
+def imm_precond_export(config) -> dict | None:
   """IMMPrecond(**kwargs) (lumalabs/imm training/preconds.py, model_type 'DiT' or 'SongUNet')
-  whose load_state_dict(strict=True) takes `to_imm_precond` of config's exported network."""
+  whose load_state_dict(strict=True) takes `to_imm_precond` of config's exported network: the
+  released format this module reads back, for an IMM-trained DiT or SongUNet; None for every
+  other run."""
+  if config.objective.name != "imm" or config.model.name not in ("dit", "unet"):
+    return None
   schedule = {ours: theirs for theirs, ours in SCHEDULES.items()}.get(config.objective.schedule)
   if schedule is None:
     raise ValueError(f"objective.schedule={config.objective.schedule!r}: IMMPrecond has "
