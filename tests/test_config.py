@@ -161,6 +161,8 @@ CASES = [
     # --- mesh, eval, checkpoint, export, seed
     ("flow", {"mesh.data": 0}, r"mesh.data/fsdp/tensor=.*each must be a positive size, at most one -1"),
     ("flow", {"mesh.fsdp": -1}, r"mesh.data/fsdp/tensor=.*at most one -1"),
+    ("flow", {"mesh.gather_weights": "sometimes"},
+     r"mesh.gather_weights='sometimes': must be one of \['once', 'per_call'\]"),
     ("flow", {"mesh.tensor": -2}, r"mesh.tensor=-2: must be an int >= -1"),
     ("flow", {"mesh.rules": (("embed", "model"),)}, r"mesh.rules=.*the axes None, one of \['data', 'fsdp', 'tensor'\]"),
     ("flow", {"eval.fid_every": -1}, r"eval.fid_every=-1: must be an int >= 0"),
