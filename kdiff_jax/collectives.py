@@ -293,19 +293,12 @@ def _axes(first_group, mesh) -> tuple:
 
 def _padded_shard(instruction, computations) -> bool:
   """Whether an all-reduce's operand places a shard into zeros: a dynamic-update-slice, or a
-  fusion whose ROOT is one (through converts and bitcasts)."""
-  while instruction is not None:
-    if instruction.opcode == "dynamic-update-slice":
-      return True
-    if instruction.opcode == "fusion":
-      callee = re.search(r"\bcalls=%([\w.\-]+)", instruction.line)
-      body = computations.get(callee.group(1), []) if callee else []
-      instruction = next((i for i in body if i.root), None)
-      continue
-    if instruction.opcode in ("convert", "bitcast", "copy"):
-      return False   # an operand of a fused root is not followed further
-    return False
-  return False
+  fusion whose ROOT is one."""
+  while instruction is not None and instruction.opcode == "fusion":
+    callee = re.search(r"\bcalls=%([\w.\-]+)", instruction.line)
+    body = computations.get(callee.group(1), []) if callee else []
+    instruction = next((i for i in body if i.root), None)
+  return instruction is not None and instruction.opcode == "dynamic-update-slice"
 
 
 def _slices(instruction, results, users) -> list:
@@ -327,7 +320,9 @@ def _slices(instruction, results, users) -> list:
 
 
 def read(hlo_text: str, mesh=None) -> list:
-  """Every collective of compiled HLO text as a `Collective` (module docstring)."""
+  """Every collective of compiled HLO text as a `Collective` (module docstring). `mesh` (the
+  program's) names the axes a group spans and sizes a group of every device; without it such a
+  group counts as one chip, sending nothing."""
   computations, entry = parse(hlo_text)
   if entry is None:
     return []

@@ -167,6 +167,30 @@ def test_an_async_start_counts_its_results_once():
   assert summary["all-reduce"].sent_bytes == pytest.approx(2 * 3 / 4 * (64 * 192 + 128 + 8) * 4)
 
 
+def test_a_gather_done_by_all_reduce_is_a_gather_at_the_all_reduces_bytes():
+  """libtpu's gather over a 64-chip group of a v5p-128: each chip writes its shard into zeros
+  (a dynamic-update-slice, here fused) and the full array is all-reduced."""
+  fragment = """
+%pad (param_0: bf16[2,64]) -> bf16[128,64] {
+  %param_0 = bf16[2,64]{1,0} parameter(0)
+  %zero = bf16[128,64]{1,0} broadcast(%c), dimensions={}
+  ROOT %dynamic-update-slice.1 = bf16[128,64]{1,0} dynamic-update-slice(%zero, %param_0, %i, %j)
+}
+
+ENTRY %main (p0: bf16[2,64], p1: f32[8]) -> bf16[128,64] {
+  %p0 = bf16[2,64]{1,0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  %fusion.1 = bf16[128,64]{1,0} fusion(%p0), kind=kLoop, calls=%pad
+  %all-reduce.1 = (bf16[128,64]{1,0}, f32[8]{0}) all-reduce(%fusion.1, %p1), replica_groups=[1,64]<=[64], to_apply=%add
+}
+"""
+  summary = collectives.summarize(collectives.read(fragment))
+  gather, reduce = summary["all-gather"], summary["all-reduce"]
+  assert gather.as_all_reduce == 1 and gather.shapes == ((128, 64),)
+  assert gather.sent_bytes == pytest.approx(2 * 63 / 64 * 128 * 64 * 2)   # an all-reduce's
+  assert reduce.shapes == ((8,),) and reduce.as_all_reduce == 0
+
+
 def test_an_unread_spelling_of_the_groups_is_an_error():
   with pytest.raises(ValueError, match="replica_groups"):
     collectives.read(HLO.replace("replica_groups={{0,1,2,3}}", "replica_groups=<new>"))
