@@ -25,7 +25,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- data: where batches come from. Images are NHWC float32 in [-1, 1] (or scaled latents).
   config.data = data = ml_collections.ConfigDict()
-  data.name = "digits"            # digits | synthetic | tfds | latents | toy2d
+  data.name = "digits"            # digits | synthetic | subspace | tfds | latents | toy2d
   data.image_size = 8             # height = width of the training arrays
   data.channels = 1
   data.num_classes = 10           # the null (CFG) label is num_classes; 0: unconditional (no label
@@ -39,6 +39,7 @@ def defaults() -> ml_collections.ConfigDict:
   data.latent_channel_std = ()
   data.latent_scale = 1.0
   data.toy_name = "8gaussians"    # 8gaussians | moons | checkerboard (data.name = toy2d)
+  data.intrinsic_dim = 8          # data.name = subspace: d of the d-dim subspace of the images
   data.shuffle_buffer = 10_000    # tfds only
   data.vae_path = ""              # SD-VAE weights (diffusers dir or .safetensors): encode_latents, decoding latent samples
   data.latent_shard_size = 10_000  # main.py --mode=encode_latents: examples per shard

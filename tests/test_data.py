@@ -119,6 +119,7 @@ def test_digits_flips_mirror_some_images():
 INDEXED = {
     "digits": dict(name="digits", random_flip=True),
     "synthetic": dict(name="synthetic", image_size=4, channels=3, num_classes=7),
+    "subspace": dict(name="subspace", image_size=4, channels=3, num_classes=7, intrinsic_dim=5),
     "toy2d": dict(name="toy2d", toy_name="moons"),
 }
 
@@ -201,6 +202,28 @@ def test_synthetic_shapes_and_statistics():
   assert image.shape == (64, 8, 8, 3) and image.dtype == np.float32
   assert abs(image.mean()) < 0.05 and abs(image.std() - 1.0) < 0.05
   assert label.min() >= 0 and label.max() < 5 and len(np.unique(label)) == 5
+
+
+def test_subspace_lies_on_its_subspace_with_its_class_statistics():
+  """Images are A·z with A's columns orthonormal: projecting onto A loses nothing, and the
+  coordinates z = A^T x scatter around their class means with std 0.5 (the source's law)."""
+  config = data_config(name="subspace", image_size=6, channels=2, num_classes=3,
+                       intrinsic_dim=4)
+  iterator = data.build_iterator(config, global_batch_size=4096, sharding=sharding_for(8), seed=3)
+  (image, label), = take(iterator, 1)
+  assert image.shape == (4096, 6, 6, 2) and image.dtype == np.float32
+  basis, means = builtin.subspace_basis((6, 6, 2), 4, 3)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(4), atol=1e-5)
+  flat = image.reshape(4096, -1)
+  coordinates = flat @ basis
+  np.testing.assert_allclose(coordinates @ basis.T, flat, atol=1e-5)
+  for c in range(3):
+    around = coordinates[label == c] - means[c]
+    assert len(around) > 1200
+    np.testing.assert_allclose(around.mean(0), 0, atol=0.05)
+    np.testing.assert_allclose(around.std(0), builtin.SUBSPACE_CLASS_STD, rtol=0.08)
+  with pytest.raises(ValueError, match="data.intrinsic_dim=73"):
+    builtin.subspace_basis((6, 6, 2), 73, 3)
 
 
 def test_toy2d_distributions():

@@ -5,7 +5,7 @@
   batch = next(iterator)   # dict(image=[B, H, W, C] float32, label=[B] int32), global arrays
   iterator.position        # batches consumed; rebuild with start_batch=position to resume
 
-Sources (data.name): 'digits', 'synthetic', 'toy2d' (`builtin`), 'latents' (`latents`) and
+Sources (data.name): 'digits', 'synthetic', 'subspace', 'toy2d' (`builtin`), 'latents' (`latents`) and
 'tfds' (`tfds_pipeline`). Each process produces only the rows of the global batch that its
 devices hold under `sharding` (`rows_for_process`) and the global arrays are assembled with
 `jax.make_array_from_process_local_data`. For the in-memory sources global batch b is a pure
@@ -22,7 +22,7 @@ from kdiff_jax import parallel
 from kdiff_jax.data import builtin
 from kdiff_jax.schema import boolean, number, one_of, sequence, text
 
-NAMES = ("digits", "synthetic", "toy2d", "latents", "tfds")
+NAMES = ("digits", "synthetic", "subspace", "toy2d", "latents", "tfds")
 # The built-in datasets' fixed shapes: name -> (channels, classes; None: the labels are not used).
 BUILTIN_SHAPES = {"digits": (1, 10), "toy2d": (2, None)}
 
@@ -40,6 +40,7 @@ RULES = {
     "data.latent_channel_std": sequence(number(0, low_open=True)),
     "data.latent_scale": number(0, low_open=True),
     "data.toy_name": one_of(*builtin.TOY_NAMES),
+    "data.intrinsic_dim": number(1, integer=True),
     "data.shuffle_buffer": number(1, integer=True),
     "data.vae_path": text(),
     "data.latent_shard_size": number(1, integer=True),
@@ -156,6 +157,11 @@ def build_source(data_config, *, seed: int):
     return builtin.SyntheticSource(image_size=data_config.image_size,
                                    channels=data_config.channels,
                                    num_classes=data_config.num_classes, seed=seed)
+  if name == "subspace":
+    return builtin.SubspaceSource(image_size=data_config.image_size,
+                                  channels=data_config.channels,
+                                  num_classes=data_config.num_classes,
+                                  intrinsic_dim=data_config.intrinsic_dim, seed=seed)
   if name == "toy2d":
     return builtin.Toy2dSource(toy_name=data_config.toy_name, seed=seed)
   if name == "latents":

@@ -1,4 +1,5 @@
-"""Built-in in-memory sources: sklearn digits, synthetic images, 2-D toy distributions.
+"""Built-in in-memory sources: sklearn digits, synthetic images, a low-dimensional subspace of
+image space, 2-D toy distributions.
 
 All of them, and `latents.py`, are *indexed* sources: global batch b of size B is a pure
 function of (seed, b), and a process only materialises the rows it holds. Examples come from
@@ -25,6 +26,7 @@ FLIP = 1
 SYNTHETIC = 2
 LATENT_NOISE = 3
 TOY = 4
+SUBSPACE = 5
 
 TOY_NAMES = ("8gaussians", "moons", "checkerboard")
 
@@ -147,6 +149,57 @@ class SyntheticSource:
       labels[i] = rng.integers(max(self.num_classes, 1))   # num_classes = 0: unconditional
       images[i] = rng.standard_normal(self.element_shape, dtype=np.float32)
     return dict(image=images, label=labels)
+
+
+# --- a d-dimensional subspace of image space -----------------------------------------------
+
+# The subspace's basis and class means are fixed (not the run's seed): samples of any run are
+# scored against the same set (benchmarks/pmf_targets.py).
+SUBSPACE_SEED = 20260
+SUBSPACE_CLASS_STD = 0.5   # per-coordinate std of a class around its mean; the means have
+                           # std sqrt(1 - 0.5²), so the coordinates have unit variance
+
+
+@functools.lru_cache(maxsize=4)
+def subspace_basis(shape: tuple, intrinsic_dim: int, num_classes: int):
+  """(basis [D, d] with orthonormal columns, class means [max(num_classes, 1), d]) of the
+  subspace source, D = prod(shape); a pure function of its arguments (SUBSPACE_SEED)."""
+  ambient = int(np.prod(shape))
+  if not 0 < intrinsic_dim <= ambient:
+    raise ValueError(f"data.intrinsic_dim={intrinsic_dim} must be in [1, {ambient}] "
+                     f"(the image has {ambient} values)")
+  rng = np.random.default_rng((SUBSPACE_SEED, ambient, intrinsic_dim, num_classes))
+  basis, _ = np.linalg.qr(rng.standard_normal((ambient, intrinsic_dim)))
+  spread = np.sqrt(1.0 - SUBSPACE_CLASS_STD ** 2)
+  means = spread * rng.standard_normal((max(num_classes, 1), intrinsic_dim))
+  return basis.astype(np.float32), means.astype(np.float32)
+
+
+class SubspaceSource:
+  """k-Diff's D >> d setting as images: x = A·z reshaped to (S, S, C), A a fixed [D, d] basis
+  with orthonormal columns, z = mu_y + 0.5·N(0, I_d) around the class mean mu_y (unit variance
+  per coordinate, so E||x||² = d against E||n||² = D for the noise; Jin & Wang 2026's
+  dimensionality experiment, here class-conditional). Labels uniform; per-example draws from
+  (seed, position)."""
+
+  def __init__(self, *, image_size: int, channels: int, num_classes: int, intrinsic_dim: int,
+               seed: int):
+    self.element_shape = (image_size, image_size, channels)
+    self.num_classes = num_classes
+    self.basis, self.means = subspace_basis(self.element_shape, intrinsic_dim, num_classes)
+    self.seed = seed
+
+  def batch(self, batch_index: int, rows: np.ndarray, global_batch_size: int) -> dict:
+    stream_positions = positions(batch_index, rows, global_batch_size)
+    coordinates = np.empty((len(rows), self.basis.shape[1]), np.float32)
+    labels = np.empty((len(rows),), np.int32)
+    for i, position in enumerate(stream_positions):
+      rng = example_rng(self.seed, SUBSPACE, position)
+      labels[i] = rng.integers(max(self.num_classes, 1))
+      coordinates[i] = self.means[labels[i]] + SUBSPACE_CLASS_STD * rng.standard_normal(
+          self.basis.shape[1])
+    images = (coordinates @ self.basis.T).reshape((len(rows),) + self.element_shape)
+    return dict(image=images.astype(np.float32), label=labels)
 
 
 # --- 2-D toys ----------------------------------------------------------------------------
