@@ -79,9 +79,9 @@ def all_rules() -> dict:
 def check(config) -> None:
   """The combinations of the sections no registry owns."""
   training, eval_ = config.training, config.eval
-  for field in ("ema_decays", "ema_halflives_kimg"):
+  for field, what in (("ema_decays", "decay"), ("ema_halflives_kimg", "half-life")):
     if len(set(training[field])) != len(training[field]):
-      raise ValueError(f"training.{field}={tuple(training[field])}: each value once")
+      raise ValueError(f"training.{field}={tuple(training[field])}: each {what} once")
   chosen = config.sampling.ema_halflife_kimg
   if chosen and chosen not in training.ema_halflives_kimg:
     raise ValueError(f"sampling.ema_halflife_kimg={chosen!r}: the run keeps the EMAs of "

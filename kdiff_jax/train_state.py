@@ -6,7 +6,9 @@
   state, metrics = train_step(state, batch)
 
 The train state is a plain pytree {step, params, opt_state, ema, rng}; params = {'net': the
-model's parameters as a pure dict, **the objective's extra parameters}. An objective with a
+model's parameters as a pure dict, **the objective's extra parameters}; ema = {key: an EMA of
+params} for each of training.ema_halflives_kimg and training.ema_decays (`ema_betas`), sharded
+like them and updated every step after the optimizer. An objective with a
 `teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
 updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
 loss as `teacher=`. The step's randomness
