@@ -4,7 +4,8 @@ A step directory holds one item per part of the train state, so a reader takes o
 needs:
 
   params      the raw weights {'net': ..., **the objective's extra params}
-  ema         {decay: weights} for each of training.ema_decays (absent without EMA)
+  ema         {key: weights} for each of training.ema_halflives_kimg ('500kimg') and
+              training.ema_decays ('0.9999') (`ema_keys`; absent without EMA)
   opt_state   the optimizer's moments and counters (training only)
   train       {'step', 'rng'} and, for an objective with a teacher (TVM), {'teacher': weights}
   data        {'position': batches consumed} (JSON)
@@ -84,8 +85,28 @@ def _use_replica_parallel_across_processes_only() -> None:
 
 
 def ema_key(decay: float) -> str:
-  """The key of an EMA in state['ema'] (and in the 'ema' item)."""
+  """The key of a constant-decay EMA in state['ema'] (and in the 'ema' item)."""
   return f"{decay:g}"
+
+
+def halflife_key(halflife_kimg: float) -> str:
+  """The key of a half-life EMA (EDM's, in thousands of images) in state['ema']."""
+  return f"{halflife_kimg:g}kimg"
+
+
+def ema_keys(training_config) -> list:
+  """The keys of the EMAs a run keeps: its half-lives', then its constant decays'."""
+  return ([halflife_key(h) for h in training_config.ema_halflives_kimg]
+          + [ema_key(d) for d in training_config.ema_decays])
+
+
+def sampling_ema(config):
+  """The key of the EMA that sampling, evaluation and export read: sampling.ema_halflife_kimg's
+  (config.check refuses one the run did not keep), else the first kept; None without EMA."""
+  if config.sampling.ema_halflife_kimg:
+    return halflife_key(config.sampling.ema_halflife_kimg)
+  keys = ema_keys(config.training)
+  return keys[0] if keys else None
 
 
 def _state_items(state) -> dict:
@@ -266,18 +287,19 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
   return mngr
 
 
-def restore_weights(workdir: str, abstract_params, ema_decay=None, step=None):
-  """(params, step): the EMA weights of `ema_decay` (or the raw weights when None) at `step`
-  (default: the latest), placed by the abstract params' shardings. Reads nothing else."""
-  if ema_decay is None:
+def restore_weights(workdir: str, abstract_params, ema=None, step=None):
+  """(params, step): the weights of the EMA keyed `ema` (`ema_keys`; the raw weights when None)
+  at `step` (default: the latest), placed by the abstract params' shardings. Reads nothing
+  else."""
+  if ema is None:
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
     read = lambda restored: restored["params"]
   else:
-    wanted = {ema_key(ema_decay): abstract_params}
+    wanted = {ema: abstract_params}
     args = ocp.args.Composite(ema=ocp.args.PyTreeRestore(
         item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
         partial_restore=True))
-    read = lambda restored: restored["ema"][ema_key(ema_decay)]
+    read = lambda restored: restored["ema"][ema]
   mngr = _reader(workdir)
   try:
     if step is None:

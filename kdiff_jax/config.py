@@ -16,6 +16,7 @@ from kdiff_jax.schema import boolean, number, one_of, sequence, text
 
 RULES = {
     "seed": number(0, integer=True),
+    "optimizer.name": one_of("adamw", "muon"),
     "optimizer.learning_rate": number(0, low_open=True),
     "optimizer.lr_schedule": one_of("constant", "cosine"),
     "optimizer.warmup_steps": number(0, integer=True),
@@ -27,6 +28,7 @@ RULES = {
     "training.batch_size": number(1, integer=True),
     "training.num_steps": number(0, integer=True),
     "training.ema_decays": sequence(number(0, 1, high_open=True)),
+    "training.ema_halflives_kimg": sequence(number(0, low_open=True)),
     "training.log_every": number(1, integer=True),
     "training.per_step_metrics": sequence(text()),
     "training.sample_every": number(0, integer=True, note="0 = only at the end"),
@@ -77,8 +79,18 @@ def all_rules() -> dict:
 def check(config) -> None:
   """The combinations of the sections no registry owns."""
   training, eval_ = config.training, config.eval
-  if len(set(training.ema_decays)) != len(training.ema_decays):
-    raise ValueError(f"training.ema_decays={tuple(training.ema_decays)}: each decay once")
+  for field, what in (("ema_decays", "decay"), ("ema_halflives_kimg", "half-life")):
+    if len(set(training[field])) != len(training[field]):
+      raise ValueError(f"training.{field}={tuple(training[field])}: each {what} once")
+  chosen = config.sampling.ema_halflife_kimg
+  if chosen and chosen not in training.ema_halflives_kimg:
+    raise ValueError(f"sampling.ema_halflife_kimg={chosen!r}: the run keeps the EMAs of "
+                     f"training.ema_halflives_kimg={tuple(training.ema_halflives_kimg)} (0 = the "
+                     "first)")
+  if config.optimizer.name == "muon" and config.optimizer.weight_decay:
+    raise ValueError(f"optimizer.weight_decay={config.optimizer.weight_decay!r}: "
+                     "optimizer.name='muon' takes 0 (optax's Muon would also decay the biases "
+                     "and norms it hands to Adam; pMF trains without weight decay)")
   if eval_.fid_every and not eval_.inception_path:
     raise ValueError(f"eval.fid_every={eval_.fid_every} needs eval.inception_path (pytorch-fid's "
                      "pt_inception-2015-12-05-6726825d.pth or its .npz); nothing is downloaded")

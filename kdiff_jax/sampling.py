@@ -53,6 +53,7 @@ RULES = {
     "sampling.guidance_interval": interval(number(0, 1)),
     "sampling.grid_size": number(1, integer=True),
     "sampling.use_ema": boolean(),
+    "sampling.ema_halflife_kimg": number(0, note="0 = the first kept"),
     "sampling.num_samples": number(1, integer=True),
     "sampling.classes": sequence(number(0, integer=True)),
     "sampling.seed": number(0, integer=True),

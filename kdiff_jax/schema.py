@@ -89,22 +89,25 @@ def defaults() -> ml_collections.ConfigDict:
   for name, section in objectives.sections().items():
     objective[name] = section
 
-  # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
+  # --- optimizer: optax AdamW or Muon with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()
+  optimizer.name = "adamw"        # adamw | muon (2-D weights by Muon, the rest by Adam: b1, b2, eps)
   optimizer.learning_rate = 1e-4
   optimizer.lr_schedule = "constant"  # constant | cosine
   optimizer.warmup_steps = 0
   optimizer.b1 = 0.9
   optimizer.b2 = 0.999
   optimizer.eps = 1e-8
-  optimizer.weight_decay = 0.0    # decays arrays with ndim >= 2 only (no biases, norms, scalars)
+  optimizer.weight_decay = 0.0    # adamw: decays arrays with ndim >= 2 only (no biases, norms, scalars)
   optimizer.grad_clip_norm = 0.0  # 0 = no clipping
 
   # --- training: the loop.
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 256       # global batch, over all hosts and devices
   training.num_steps = 1000
-  training.ema_decays = (0.9999,)  # one EMA pytree per decay
+  training.ema_decays = (0.9999,)  # one EMA pytree per constant decay
+  training.ema_halflives_kimg = ()  # one EMA pytree per half-life (thousands of images), EDM's
+                                    # ramp-up: beta = 0.5^(batch / min(H*1000, images*0.05))
   training.log_every = 50         # metrics are averaged over log_every steps ...
   training.per_step_metrics = ()  # ... except these, written at every step (e.g. ("k",) for k-Diff)
   training.sample_every = 0       # steps between sample-grid PNGs; 0 = only at the end
@@ -144,6 +147,8 @@ def defaults() -> ml_collections.ConfigDict:
   sampling.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
   sampling.grid_size = 8          # the PNG holds grid_size x grid_size samples
   sampling.use_ema = True
+  sampling.ema_halflife_kimg = 0.0  # the EMA of this half-life; 0 = the first of
+                                    # training.ema_halflives_kimg, else of training.ema_decays
   sampling.num_samples = 64       # main.py --mode=sample
   sampling.classes = ()           # main.py --mode=sample: classes to cycle through; () = all
   sampling.seed = 0
@@ -181,7 +186,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- export: main.py --mode=export (kdiff_jax/export): .safetensors, .pt and .json for PyTorch.
   config.export = export = ml_collections.ConfigDict()
-  export.use_ema = True           # the EMA weights of the first decay; False: the raw weights
+  export.use_ema = True           # the EMA sampling.ema_halflife_kimg chooses; False: the raw weights
   export.output_dir = ""          # "" = <workdir>/export
 
   return config

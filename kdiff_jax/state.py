@@ -128,13 +128,14 @@ class Weights:
                      **jax.eval_shape(lambda: self.objective.extra_params)}
     logical = {"net": self.model.logical_net,
                **jax.tree.map(lambda _: P(), self.objective.extra_params)}
+    self.logical = logical  # the params' logical axis names (PartitionSpecs)
     self.shardings = parallel.tree_shardings(self.abstract, logical, mesh, config.mesh.rules)
     parallel.check_replicated(self.abstract, self.shardings, mesh, config.mesh.replicated_limit)
 
   def restore(self, workdir: str, *, use_ema: bool, step=None):
-    """(params, step): the first EMA's weights (use_ema and training.ema_decays) or the raw ones
-    of the checkpoint at `step` (default: the latest), in their shardings on this mesh."""
-    decays = self.config.training.ema_decays
+    """(params, step): with use_ema the weights of the EMA `checkpoint.sampling_ema` chooses
+    (sampling.ema_halflife_kimg, else the first kept), else (or without EMA) the raw ones, of
+    the checkpoint at `step` (default: the latest), in their shardings on this mesh."""
     abstract = checkpoint.abstract_with_shardings(self.abstract, self.shardings)
-    return checkpoint.restore_weights(workdir, abstract, decays[0] if use_ema and decays else None,
-                                      step)
+    ema = checkpoint.sampling_ema(self.config) if use_ema else None
+    return checkpoint.restore_weights(workdir, abstract, ema, step)

@@ -6,7 +6,9 @@
   state, metrics = train_step(state, batch)
 
 The train state is a plain pytree {step, params, opt_state, ema, rng}; params = {'net': the
-model's parameters as a pure dict, **the objective's extra parameters}. An objective with a
+model's parameters as a pure dict, **the objective's extra parameters}; ema = {key: an EMA of
+params} for each of training.ema_halflives_kimg and training.ema_decays (`ema_betas`), sharded
+like them and updated every step after the optimizer. An objective with a
 `teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
 updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
 loss as `teacher=`. The step's randomness
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kdiff_jax import checkpoint, config as config_lib, data, parallel, state as state_lib
 
@@ -48,23 +51,53 @@ class Setup:
     return self.weights.model
 
 
-def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
-  """AdamW (Loshchilov & Hutter 2019) with linear warm-up, then constant or cosine decay.
+def make_optimizer(opt_config, num_steps: int, matrices=None) -> optax.GradientTransformation:
+  """optimizer.name's optimizer on the learning-rate schedule: linear warm-up, then constant or
+  cosine decay; with optimizer.grad_clip_norm > 0 the gradients are first clipped to that
+  global norm.
 
-  Weight decay applies to arrays with ndim >= 2 only: never to biases, norms or scalars such
-  as k-Diff's w_k.
+  adamw: AdamW (Loshchilov & Hutter 2019); weight decay applies to arrays with ndim >= 2 only,
+  never to biases, norms or scalars such as k-Diff's w_k.
+  muon: `optax.contrib.muon` as pixel MeanFlow's train state builds it (Lyy-iiis/pMF
+  utils/trainstate_util.py: the learning rate and Adam's b2, optax's defaults otherwise):
+  momentum 0.95 with Nesterov, 5 Newton-Schulz steps a·X + (b·XXᵀ + c·(XXᵀ)²)·X with (a, b, c)
+  = (3.4445, -4.775, 2.0315) on the momentum scaled to unit Frobenius norm, times
+  sqrt(max(1, fan_out / fan_in)); every other parameter goes to Adam (b1, b2, eps here, Nesterov,
+  the same learning rate). `matrices` (`muon_matrices` of the params) says which parameters are
+  matrices; None: those of exactly two dimensions.
   """
   lr, warmup = opt_config.learning_rate, opt_config.warmup_steps
   if opt_config.lr_schedule == "constant":
     schedule = optax.warmup_constant_schedule(0.0 if warmup else lr, lr, max(warmup, 1))
   else:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-                      weight_decay=opt_config.weight_decay, mask=decay_mask)
+  if opt_config.name == "muon":
+    optimizer = optax.contrib.muon(
+        schedule, eps=opt_config.eps, adam_b1=opt_config.b1, adam_b2=opt_config.b2,
+        muon_weight_dimension_numbers=matrices)
+  else:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    optimizer = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                            weight_decay=opt_config.weight_decay, mask=decay_mask)
   if opt_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def muon_matrices(params, logical):
+  """For each parameter, the matrix Muon orthogonalises (reduction axis -2, output axis -1), or
+  None where Adam updates it.
+
+  A matrix is a parameter of exactly two dimensions, as optax's default rule and the pMF
+  code have it: Linear kernels [in, out] and label tables [classes, width]; conv kernels (4-D),
+  biases, norm scales, in-context tokens and position tables of shape [1, n, width], and scalars
+  go to Adam. With model.scan_blocks the blocks' kernels carry a leading axis named 'layers' in
+  `logical` (their logical axis names): each is one matrix per block, as without the scan.
+  """
+  dims = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+  stacked = lambda spec: len(spec) > 0 and spec[0] == "layers"
+  return jax.tree.map(lambda p, spec: dims if p.ndim - stacked(spec) == 2 else None,
+                      params, logical, is_leaf=lambda x: isinstance(x, P))
 
 
 def setup(config, devices=None) -> Setup:
@@ -75,13 +108,12 @@ def setup(config, devices=None) -> Setup:
   parallel.check_batch(config.training.batch_size,
                        parallel.batch_sharding(mesh, config.mesh.rules),
                        field="training.batch_size", group_size=weights.objective.group_size)
-  optimizer = make_optimizer(config.optimizer, config.training.num_steps)
+  optimizer = make_optimizer(config.optimizer, config.training.num_steps,
+                             muon_matrices(weights.abstract, weights.logical))
   abstract_opt = jax.eval_shape(optimizer.init, weights.abstract)
   replicated = parallel.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt, weights.shardings,
-      transform_non_params=lambda _: replicated)
-  emas = [checkpoint.ema_key(d) for d in config.training.ema_decays]
+  opt_shardings = optimizer_shardings(abstract_opt, weights, replicated)
+  emas = checkpoint.ema_keys(config.training)
   state_shardings = {"step": replicated, "params": weights.shardings, "opt_state": opt_shardings,
                      "ema": {key: weights.shardings for key in emas}, "rng": replicated}
   abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": weights.abstract,
@@ -94,6 +126,25 @@ def setup(config, devices=None) -> Setup:
   built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings)
   _check_per_step_metrics(built)
   return built
+
+
+def optimizer_shardings(abstract_opt, weights: state_lib.Weights, replicated):
+  """The optimizer state's shardings: a leaf whose key path ends with a parameter's path and that
+  has its shape (a moment of that parameter: AdamW's mu and nu, Muon's momentum) is sharded like
+  the parameter; counters and the rest are replicated. (optax.tree_map_params cannot see
+  through the labelled partition of optax's Muon, which labels the params themselves.)"""
+  params = {tuple(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(weights.abstract), jax.tree.leaves(weights.shardings))}
+  depth = max(map(len, params))
+
+  def place(path, leaf):
+    for length in range(1, min(len(path), depth) + 1):
+      shape, sharding = params.get(tuple(path[-length:]), (None, None))
+      if shape == leaf.shape:
+        return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(place, abstract_opt)
 
 
 def _check_per_step_metrics(setup: Setup) -> None:
@@ -124,7 +175,7 @@ def init_state(setup: Setup):
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "opt_state": setup.optimizer.init(params),
-        "ema": {checkpoint.ema_key(d): params for d in config.training.ema_decays},
+        "ema": {key: params for key in checkpoint.ema_keys(config.training)},
         "rng": jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32),
         **({"teacher": params} if setup.objective.teacher_decay is not None else {}),
     }
@@ -135,7 +186,7 @@ def init_state(setup: Setup):
 
 def make_train_step(setup: Setup):
   """train_step(state, batch) -> (state, metrics), jitted with shardings and a donated state."""
-  decays = tuple(setup.config.training.ema_decays)
+  training = setup.config.training
   objective, optimizer = setup.objective, setup.optimizer
   cast_once = not objective.full_precision_pass
   gather_once = setup.config.mesh.gather_weights == "once"
@@ -160,18 +211,15 @@ def make_train_step(setup: Setup):
     (loss, metrics), grads = grad_fn(state["params"], batch, rng, **teacher)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ema = {checkpoint.ema_key(d): jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p,
-                                               state["ema"][checkpoint.ema_key(d)], params)
-           for d in decays}
+    ema = {key: lerp(state["ema"][key], params, beta)
+           for key, beta in ema_betas(training, state["step"] + 1).items()}
     finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     first_nonfinite = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                FIRST_NONFINITE_GRADIENT: first_nonfinite}
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
     if "teacher" in state:   # teacher <- lerp toward the updated weights, every step
-      d = objective.teacher_decay
-      new_state["teacher"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["teacher"],
-                                          params)
+      new_state["teacher"] = lerp(state["teacher"], params, objective.teacher_decay)
     return new_state, metrics
 
   batch_sharding = parallel.batch_sharding(setup.mesh, setup.config.mesh.rules)
@@ -181,8 +229,35 @@ def make_train_step(setup: Setup):
                  donate_argnums=(0,))
 
 
+# EDM's EMA ramp-up: the half-life never exceeds this fraction of the images seen so far.
+EMA_RAMPUP = 0.05
+
+
+def ema_betas(training_config, steps_done) -> dict:
+  """{EMA key: its decay beta at this step}, after `steps_done` steps (this one included).
+
+  A constant decay is itself. A half-life of H thousand images (EDM, Karras et al. 2022, with
+  its ramp-up, as pixel MeanFlow's utils/ema_util.py `edm_schedule` has it) decays by
+  beta = 0.5^(B / max(min(1000·H, EMA_RAMPUP·B·steps_done), 1e-8)) for a batch of B images
+  (training.batch_size; pMF writes its 1024), so early EMAs follow the weights closely.
+  """
+  batch = training_config.batch_size
+  images = jnp.asarray(steps_done, jnp.float32) * batch
+  betas = {checkpoint.halflife_key(h): 0.5 ** (batch / jnp.maximum(
+               jnp.minimum(h * 1000.0, images * EMA_RAMPUP), 1e-8))
+           for h in training_config.ema_halflives_kimg}
+  return {**betas, **{checkpoint.ema_key(d): d for d in training_config.ema_decays}}
+
+
+def lerp(ema, params, beta):
+  """ema <- beta·ema + (1 - beta)·params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p, ema, params)
+
+
 def sampling_params(state, config):
-  """The EMA weights of the first decay when sampling.use_ema, else the raw weights."""
-  if config.sampling.use_ema and config.training.ema_decays:
-    return state["ema"][checkpoint.ema_key(config.training.ema_decays[0])]
+  """The EMA weights `checkpoint.sampling_ema` chooses when sampling.use_ema (and the run keeps
+  an EMA), else the raw weights."""
+  ema = checkpoint.sampling_ema(config)
+  if config.sampling.use_ema and ema is not None:
+    return state["ema"][ema]
   return state["params"]

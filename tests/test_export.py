@@ -328,7 +328,7 @@ def test_main_export_mode_writes_files_that_sample_like_jax(torch_load, torch_sa
                  cwd=ROOT, env=env, check=True, timeout=300)
   with open(tmp_path / "step1500.json") as f:
     meta = json.load(f)
-  assert meta["weights"] == dict(safetensors="ema", step=1500, ema_decay=0.995)
+  assert meta["weights"] == dict(safetensors="ema", step=1500, ema="0.995")
   assert meta["model"]["name"] == "dit" and meta["objective"]["prediction"] == "velocity"
   pt = torch.load(tmp_path / "step1500.pt", weights_only=True)
   module, _ = torch_load.load(str(tmp_path / "step1500.json"))

@@ -35,7 +35,8 @@ def tiny_config(**mesh):
   return config
 
 
-def run_steps(config, devices, num_steps):
+def run_steps(config, devices, num_steps, on_step=None):
+  """(final state, losses) of num_steps steps; on_step(n, state) after step n when given."""
   setup = train_state.setup(config, devices)
   state = train_state.init_state(setup)
   train_step = train_state.make_train_step(setup)
@@ -44,9 +45,11 @@ def run_steps(config, devices, num_steps):
                                 sharding=parallel.batch_sharding(setup.mesh, config.mesh.rules),
                                 seed=config.seed)
   losses = []
-  for _ in range(num_steps):
+  for n in range(1, num_steps + 1):
     state, metrics = train_step(state, next(batches))
     losses.append(float(metrics["loss"]))
+    if on_step is not None:
+      on_step(n, state)
   return jax.device_get(state), losses
 
 

@@ -4,10 +4,11 @@ Export (`main.py --mode=export`) restores the raw and EMA weights of the checkpo
 (never the optimizer state) and writes, under config.export.output_dir (default
 <workdir>/export), for step N:
 
-  stepN.safetensors  the torch state_dict of the EMA weights (first decay), or the raw weights
+  stepN.safetensors  the torch state_dict of the EMA weights (the EMA sampling.ema_halflife_kimg
+                     chooses, else the first kept: checkpoint.sampling_ema), or the raw weights
                      with export.use_ema=False; the JSON below is also in its metadata
   stepN.pt           {"model": raw state_dict, "ema": EMA state_dict} (DiT's checkpoint layout;
-                     no "ema" without EMA decays), written only where torch is installed
+                     no "ema" without EMA), written only where torch is installed
   stepN_immprecond.pt  IMM runs (DiT or U-Net): the exported weights as lumalabs/imm's IMMPrecond
                      state_dict (keys 'model.*'), loading with strict=True into
                      IMMPrecond(**meta['imm_precond'])
@@ -65,7 +66,7 @@ def objective_meta(config, description, params_by_weights: dict) -> dict:
 
 def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem: str) -> dict:
   """The export's JSON: model kwargs, objective, sampler, which weights, files, training config."""
-  decays = config.training.ema_decays
+  ema = checkpoint.sampling_ema(config) if "ema" in params_by_weights else None
   description = objectives.describe(config)
   meta = dict(
       format=FORMAT,
@@ -73,7 +74,7 @@ def metadata(config, params_by_weights: dict, *, exported: str, step: int, stem:
       objective=objective_meta(config, description, params_by_weights),
       sampling=sampling_meta(config, description),
       weights=dict(safetensors=exported, step=step,
-                   ema_decay=float(decays[0]) if "ema" in params_by_weights else None),
+                   ema=ema),
       files=dict(safetensors=stem + ".safetensors", pt=stem + ".pt"),
       layout="torch NCHW; t in [0, 1] with t = 0 data, t = 1 noise; label num_classes = null",
       config=json.loads(config.to_json()),
@@ -92,11 +93,11 @@ def export_checkpoint(config, workdir: str, step=None) -> dict:
   weights = state.Weights(config, parallel.make_mesh(config.mesh))
   raw, step = weights.restore(workdir, use_ema=False, step=step)
   params_by_weights = {"model": jax.device_get(raw)}
-  if config.training.ema_decays:
+  if checkpoint.sampling_ema(config) is not None:
     params_by_weights["ema"] = jax.device_get(weights.restore(workdir, use_ema=True, step=step)[0])
   exported = "ema" if config.export.use_ema and "ema" in params_by_weights else "model"
   if config.export.use_ema and exported == "model":
-    console.info("export: export.use_ema=True but training.ema_decays is empty: exporting the "
+    console.info("export: export.use_ema=True but the run keeps no EMA: exporting the "
                  "raw weights")
 
   state_dicts = {name: convert.net_to_torch(config, params["net"])
