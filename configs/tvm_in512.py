@@ -7,14 +7,14 @@ whose settings this config starts from) in:
   per-channel statistics raw_mean [1.56, -0.695, 0.483, 0.729], raw_std [5.27, 5.91, 4.21,
   4.31], final_std 1.0 (data.latent_scale = 1);
 * network: do_scale_param false (objective.tvm.scale_output = False: the velocity is F, not
-  cfg·F); time_specinit false (the time, stride and guidance embedders keep DiT's normal(0.02)
-  init instead of the spectral one: model.init = 'spectral_except_embedders');
+  cfg·F);
 * loss: cfg 2.5 (fixed);
 * training: max_grad_norm 1.0 (optimizer.grad_clip_norm);
 * sampling (yaml sampling, generate_images.py): linspace(1, 0, N + 1), N = 1 | 2 | 4, cfg 2.5;
   the released file is evaluated at 1 step.
 Unchanged from im256_w2: XL/2 with 18 heads, qk_norm, do_mod_norm, learn_guidance, RMSNorm without
-affine, the raw t, t - s and beta in the embedders; the draws (s_P_mean -0.4, s_P_std 1,
+affine, spectral init with the embedders at normal(0.02) (the yaml's time_specinit never reaches
+the DiT, see tvm_in256), the raw t, t - s and beta in the embedders; the draws (s_P_mean -0.4, s_P_std 1,
 gap_P_mean -0.8, gap_P_std 1), label_dropout 0.1; AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-8,
 no decay; batch 2048, ema_beta 0.9999, ema_target_beta 0.99; bf16.
 
@@ -31,8 +31,6 @@ def get_config():
   config = tvm_in256.get_config()
   config.data.image_size = 64               # 512 / 8: the SD-VAE's latents
   config.data.update(latents.TVM_IMAGENET512_STATS)
-
-  config.model.init = "spectral_except_embedders"   # init_type spectral, time_specinit false
 
   config.objective.tvm.cfg = 2.5
   config.objective.tvm.scale_output = False  # do_scale_param false
