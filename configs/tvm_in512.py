@@ -14,9 +14,9 @@ whose settings this config starts from) in:
   the released file is evaluated at 1 step.
 Unchanged from im256_w2: XL/2 with 18 heads, qk_norm, do_mod_norm, learn_guidance, RMSNorm without
 affine, spectral init with the embedders at normal(0.02) (the yaml's time_specinit never reaches
-the DiT, see tvm_in256), the raw t, t - s and beta in the embedders; the draws (s_P_mean -0.4, s_P_std 1,
-gap_P_mean -0.8, gap_P_std 1), label_dropout 0.1; AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-8,
-no decay; batch 2048, ema_beta 0.9999, ema_target_beta 0.99; bf16.
+the DiT, see tvm_in256), the raw t, t - s and beta in the embedders; the draws (s_P_mean -0.4,
+s_P_std 1, gap_P_mean -0.8, gap_P_std 1), label_dropout 0.1; AdamW lr 1e-4, betas (0.9, 0.95),
+eps 1e-8, no decay; batch 2048, ema_beta 0.9999, ema_target_beta 0.99; bf16.
 
 The JVP runs 1024 tokens through plain XLA attention (the authors wrote Triton kernels for it);
 what it costs on a TPU slice: benchmarks/RESULTS.md, "TVM at 512".
@@ -36,6 +36,13 @@ def get_config():
   config.objective.tvm.scale_output = False  # do_scale_param false
 
   config.optimizer.grad_clip_norm = 1.0      # max_grad_norm
+
+  # Full remat over scanned blocks: with 1024 tokens the 'dots' policy's saved matmul outputs
+  # (qkv, fc1, ... of all 28 blocks, for the JVP's primal and tangent) need 112 GB per chip at
+  # 32 images per chip; recomputing each block keeps batch 2048 at 23 GB per chip on a v5p-128
+  # (benchmarks/RESULTS.md, "TVM at 512").
+  config.model.remat = "full"
+  config.model.scan_blocks = True
 
   config.sampling.num_steps = 1
   config.sampling.guidance_scale = 2.5       # cfg_scale

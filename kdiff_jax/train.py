@@ -53,8 +53,9 @@ def _header(config, workdir, run: Setup, start_step: int, source: str, imported:
                f"resumed from step {start_step}" if start_step else "starting at step 0",
                config.training.num_steps - start_step)
   if imported:   # a step-0 checkpoint is written only by --mode=import
-    console.info("  from the imported weights: the network, its EMA weights%s start at them; a fresh "
-                 "optimizer state", " and the teacher" if run.objective.teacher_decay else "")
+    console.info("  from the imported weights: the network, its EMA weights%s start at them; "
+                 "a fresh optimizer state",
+                 " and the teacher" if run.objective.teacher_decay else "")
 
 
 def _restore_or_init(run: Setup, mngr, workdir: str, allow_config_change=()):

@@ -192,7 +192,8 @@ def test_imported_tvm_pickle_matches_the_authors_network_sampler_and_export(tvm,
   # Samples at 1, 2 and 4 steps: the authors' generator_fn and the torch export's sampler.
   config.export.output_dir = str(tmp_path / "export")
   checkpoints.init_workdir(config, str(tmp_path / "run"), net_params)
-  exported, meta = torch_load.load(checkpoints.export_checkpoint(config, str(tmp_path / "run"))["json"])
+  paths = checkpoints.export_checkpoint(config, str(tmp_path / "run"))
+  exported, meta = torch_load.load(paths["json"])
   noise = rng.normal(size=(n, 8, 8, 4)).astype(np.float32)
   noise_nchw = torch.from_numpy(noise).permute(0, 3, 1, 2)
   errors = {}
@@ -205,7 +206,8 @@ def test_imported_tvm_pickle_matches_the_authors_network_sampler_and_export(tvm,
     authors, export = (v.permute(0, 2, 3, 1).numpy() for v in (authors, export))
     assert np.std(authors - noise) > 0.1
     errors[num_steps] = (np.max(np.abs(ours - authors)), np.max(np.abs(ours - export)))
-  print(f"{layout}: |F| <= {np.max(np.abs(expected)):.2f}, network {network_error:.1e}; samples (vs authors, vs export) by steps:",
+  print(f"{layout}: |F| <= {np.max(np.abs(expected)):.2f}, network {network_error:.1e}; "
+        "samples (vs authors, vs export) by steps:",
         {k: f"{a:.1e}, {b:.1e}" for k, (a, b) in errors.items()})
   assert network_error <= 1e-5
   assert max(max(pair) for pair in errors.values()) <= 1e-5
@@ -279,7 +281,8 @@ def test_main_imports_a_tvm_pickle_and_samples_it_with_no_other_flag(tvm, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
   print(output)
   assert not marker.exists()
-  assert "TVM dit T/2 (4 heads) on 8x8x4, 10 classes, velocity cfg·F; sampling tvm 1 step(s), cfg 2.0" in output
+  assert ("TVM dit T/2 (4 heads) on 8x8x4, 10 classes, velocity cfg·F; sampling tvm 1 step(s), "
+          "cfg 2.0") in output
   with np.load(workdir / "samples_step0_tvm_1steps_w2.npz") as archive:
     images = archive[archive.files[0]]
   assert images.shape[1:] == (8, 8, 4) and np.all(np.isfinite(images))

@@ -202,7 +202,7 @@ def read(tree, path: str):
   objective.tvm.scale_output = scale_output
 
   config.optimizer.update(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                          grad_clip_norm=1.0 if data.image_size == 64 else 0.0)  # the 512 yamls clip
+                          grad_clip_norm=1.0 if data.image_size == 64 else 0.0)  # 512 yamls clip
   config.training.ema_decays = (0.9999,)
 
   sampling = config.sampling

@@ -15,7 +15,8 @@ weight), modulation_norm (do_mod_norm: each adaLN chunk divided by its RMS), a g
 (a TimestepEmbedder of the guidance input beta = 1/cfg, added to c), init='spectral' (every
 Linear and the patch conv xavier-normal divided by its largest singular value; the zero-initialised
 adaLN and output layers and the label table as DiT; 'spectral_except_embedders' leaves the time,
-stride and guidance embedders at DiT's normal(0.02), TVM's time_specinit=False), and num_heads (TVM's XL/2 has 18 heads).
+stride and guidance embedders at DiT's normal(0.02), TVM's time_specinit=False), and num_heads
+(TVM's XL/2 has 18 heads).
 
 Attribute names are DiT's, so a flattened parameter path maps onto the torch state_dict key with
 export/convert.py's `torch_name` (a rename), and the value by a transpose: Linear kernel
