@@ -39,8 +39,8 @@ def get_config():
 
   # Full remat over scanned blocks: with 1024 tokens the 'dots' policy's saved matmul outputs
   # (qkv, fc1, ... of all 28 blocks, for the JVP's primal and tangent) need 112 GB per chip at
-  # 32 images per chip; recomputing each block keeps batch 2048 at 23 GB per chip on a v5p-128
-  # (benchmarks/RESULTS.md, "TVM at 512").
+  # 32 images per chip; recomputing each block holds batch 2048 in 81 GB per chip on a v5p-32
+  # (16 chips) and 23 GB on a v5p-128 (benchmarks/RESULTS.md, "TVM at 512").
   config.model.remat = "full"
   config.model.scan_blocks = True
 

@@ -59,7 +59,8 @@ def _wrapper(tvm, *, do_scale_param=True, cfg=2.0, seed=0, **dit_kwargs):
                   "do_scale_param": do_scale_param, "compile": True,
                   "model_kwargs": {"do_mod_norm": True, "learn_guidance": True, "qk_norm": True,
                                    "init_type": "spectral", "time_specinit": True}},
-      "loss": {"class_name": "training.loss.TVMLoss", "cfg": cfg}})
+      "loss": {"class_name": "training.loss.TVMLoss", "cfg": cfg},
+      "optimizer": {"class_name": "torch.optim.AdamW", "lr": 1e-4, "betas": [0.9, 0.95]}})
   torch.manual_seed(seed)
   net = wrapper.TVMWrapper(img_resolution=8, img_channels=4, label_dim=CLASSES, model_type="DiT",
                            data_type="bf16", detach_jvp=False, do_scale_param=do_scale_param,
@@ -119,7 +120,8 @@ def test_tvm_pickles_load_without_running_their_source(tvm, tmp_path):
   names = {record.qualname for record in seen.values() if isinstance(record, pickles.Pickled)}
   assert {"TVMWrapper", "DiT", "TimestepEmbedder", "LabelEmbedder", "DiTBlock", "FinalLayer",
           "training.dit.Attention", "timm.layers.patch_embed.PatchEmbed", "timm.layers.mlp.Mlp",
-          "omegaconf.dictconfig.DictConfig", "omegaconf.nodes.AnyNode",
+          "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
+          "omegaconf.nodes.AnyNode",
           "torch._dynamo.eval_frame.OptimizedModule"} <= names, names
   persistent = [r for r in seen.values() if isinstance(r, pickles.Pickled) and r.source]
   assert persistent and all("raise RuntimeError" in r.source for r in persistent)
@@ -129,7 +131,8 @@ def test_tvm_pickles_load_without_running_their_source(tvm, tmp_path):
   assert sorted(tensors) == sorted(expected) and all(k.startswith("model.") for k in tensors)
   for key, value in expected.items():
     assert np.array_equal(tensors[key], value.numpy()), key
-  assert released_tvm.carried_config(wrapper)["loss"]["cfg"] == 2.0
+  carried = released_tvm.carried_config(wrapper)
+  assert carried["loss"]["cfg"] == 2.0 and carried["optimizer"]["betas"] == [0.9, 0.95]
 
   with pytest.raises(RuntimeError, match="stored source ran"):   # the control
     with open(path, "rb") as f:

@@ -79,10 +79,16 @@ def wrapper_of(tree):
 
 
 def _plain(value, depth=0):
-  """An omegaconf DictConfig / AnyNode record as plain dicts and values (no parents)."""
+  """An omegaconf DictConfig / ListConfig / AnyNode record as plain dicts, lists and values (no
+  parents; an interpolation or a missing value stays the string omegaconf stored)."""
   state = value.state if isinstance(value, pickles.Pickled) else None
   if isinstance(state, dict) and "_content" in state and depth < 32:
-    return {key: _plain(node, depth + 1) for key, node in dict(state["_content"]).items()}
+    content = state["_content"]
+    if isinstance(content, dict):
+      return {key: _plain(node, depth + 1) for key, node in content.items()}
+    if isinstance(content, (list, tuple)):
+      return [_plain(node, depth + 1) for node in content]
+    return content
   if isinstance(state, dict) and "_val" in state:
     return state["_val"]
   return value
@@ -237,7 +243,8 @@ def check_config(carried, config) -> None:
 def describe(config) -> str:
   """One line on what an imported TVM config holds, for the console."""
   model, tvm, sampling = config.model, config.objective.tvm, config.sampling
-  return (f"TVM dit {model.size}/{model.patch_size} ({model.num_heads} heads) on "
+  heads = model.num_heads or dit.SIZES[model.size][2]
+  return (f"TVM dit {model.size}/{model.patch_size} ({heads} heads) on "
           f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}, "
           f"{config.data.num_classes} classes, velocity {'cfg·F' if tvm.scale_output else 'F'}; "
           f"sampling tvm {sampling.num_steps} step(s), cfg {sampling.guidance_scale}")

@@ -1,9 +1,19 @@
 """omegaconf 2.3.0 `omegaconf/dictconfig.py`'s DictConfig, our stand-in: nested dicts become
-DictConfigs, leaves AnyNodes, each linked to its parent; item access returns the value."""
+DictConfigs, lists ListConfigs, leaves AnyNodes, each linked to its parent; item access returns
+the value."""
 from typing import Any
 
 from omegaconf.base import ContainerMetadata
+from omegaconf.listconfig import ListConfig
 from omegaconf.nodes import AnyNode
+
+
+def node(value, key, parent):
+  if isinstance(value, dict):
+    return DictConfig(value, key, parent)
+  if isinstance(value, list):
+    return ListConfig(value, key, parent, node)
+  return AnyNode(value, key, parent)
 
 
 class DictConfig:
@@ -12,12 +22,11 @@ class DictConfig:
     self._metadata = ContainerMetadata(ref_type=Any, object_type=dict, optional=True, key=key,
                                        key_type=Any, element_type=Any)
     self._parent = parent
-    self._content = {k: (DictConfig(v, k, self) if isinstance(v, dict) else AnyNode(v, k, self))
-                     for k, v in content.items()}
+    self._content = {k: node(v, k, self) for k, v in content.items()}
 
   def __getitem__(self, key):
-    node = self._content[key]
-    return node if isinstance(node, DictConfig) else node._val
+    child = self._content[key]
+    return child._val if isinstance(child, AnyNode) else child
 
   def __getattr__(self, key):
     if key.startswith("_"):
