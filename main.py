@@ -18,7 +18,8 @@ console instead.
 * every --config.<field> must name a field of the schema (schema.check_field_names: the known
   fields and the closest match);
 * without --config, the mode's own config (modes.config_source): --mode=sample/eval/export take
-  the one saved in --workdir's checkpoint, --mode=import the one a released IMM pickle carries.
+  the one saved in --workdir's checkpoint, --mode=import the one a released IMM or TVM pickle
+  carries.
 """
 import os
 import sys
@@ -36,14 +37,15 @@ flags.DEFINE_enum("mode", "train", list(modes.MODES),
                   "train: train (resuming from --workdir); sample: sample a checkpoint in --workdir "
                   "(config.sampling); eval: FID/IS/precision/recall of a checkpoint (config.eval); "
                   "export: write a checkpoint as PyTorch files (config.export); import: write "
-                  "--import_from (a DiT / JiT state_dict, or a released IMM pickle, whose config it "
-                  "carries) as step 0 of a new --workdir; "
+                  "--import_from (a DiT / JiT state_dict, or a released IMM or TVM pickle, whose "
+                  "config it carries) as step 0 of a new --workdir; "
                   "encode_latents: encode data.tfds_name with the VAE into data.latents_path.")
 flags.DEFINE_list("allow_config_change", [], "Fields a resumed run may change although they alter "
                   "the checkpoint's meaning (e.g. training.batch_size,seed).")
-flags.DEFINE_string("import_from", "", "--mode=import: a lumalabs/imm pickle (.pkl / .pt of "
-                    "{'ema': IMMPrecond}; no --config needed) or a DiT / JiT / IMMPrecond "
-                    "state_dict (.pt, .safetensors) to write as the step-0 checkpoint of --workdir.")
+flags.DEFINE_string("import_from", "", "--mode=import: a lumalabs/imm or lumalabs/tvm pickle "
+                    "(.pkl / .pt of {'ema': IMMPrecond} or {'ema' | 'net': TVMWrapper}; no "
+                    "--config needed) or a DiT / JiT / IMMPrecond state_dict (.pt, .safetensors) to write "
+                    "as the step-0 checkpoint of --workdir.")
 flags.DEFINE_bool("drop_learned_sigma", False, "--mode=import of a learn_sigma=True DiT: keep the "
                   "first C output channels (the ε mean).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes "

@@ -65,7 +65,13 @@ def variant_config(config, variant: str, batch_size: int | None = None):
   return config
 
 
-def largest_batch(config, variant, devices, unit, known_fit, known_fail):
+def fits_hbm(compiled: aot.Compiled, chip) -> bool:
+  """Compiled, and the memory analysis's total per chip within the chip's HBM (libtpu compiled a
+  TVM-XL/2 512 step needing 112 GB on a 95 GB v5p without an error)."""
+  return compiled.ok and compiled.total <= chip.hbm_bytes
+
+
+def largest_batch(config, variant, devices, chip, unit, known_fit, known_fail):
   """(largest batch seen to fit, smallest seen not to) from doubling, then bisection."""
   fits, fails = known_fit, known_fail
   for _ in range(FLAGS.bisect_compiles):
@@ -79,8 +85,10 @@ def largest_batch(config, variant, devices, unit, known_fit, known_fail):
         break
     if trial == fails:
       break
-    ok = aot.compile_train_step(variant_config(config, variant, trial), devices)[1].ok
-    print(f"    bisect: batch {trial} {'fits' if ok else 'does not fit'}", flush=True)
+    compiled = aot.compile_train_step(variant_config(config, variant, trial), devices)[1]
+    ok = fits_hbm(compiled, chip)
+    print(f"    bisect: batch {trial} {'fits' if ok else 'does not fit'}"
+          f"{f' ({_gb(compiled.total)} GB per chip)' if compiled.ok else ''}", flush=True)
     fits, fails = (trial, fails) if ok else (fits, trial)
     if fits is None and trial == unit:
       break
@@ -185,10 +193,11 @@ def main(argv):
       if FLAGS.largest_batch:
         unit = aot.batch_unit(setup)
         batch = vconfig.training.batch_size
-        fits, fails = largest_batch(config, variant, devices, unit,
-                                    batch if step.ok else None, None if step.ok else batch)
+        fit = fits_hbm(step, chip)
+        largest_fit, fails = largest_batch(config, variant, devices, chip, unit,
+                                           batch if fit else None, None if fit else batch)
         notes.append(f"{topology} {variant}: largest global batch that fits: "
-                     f"{fits if fits else 'none tried fits'}"
+                     f"{largest_fit if largest_fit else 'none tried fits'}"
                      f"{f' (does not fit at {fails})' if fails else ' (upper end not reached)'}; "
                      f"unit {unit}")
   print()

@@ -4,7 +4,9 @@ The official im256_w2 recipe (lumalabs/tvm `configs/im256_w2.yaml`, `training/di
 `training/wrapper.py`, `training/loss.py`; paper: 3.29 FID at 1 step, 1.99 at 4):
 * network (yaml network: model_type DiT_XL_2_18h, model_kwargs): XL/2 with num_heads = 18,
   qk_norm, do_mod_norm (model.modulation_norm), learn_guidance (model.guidance_embedder),
-  init_type spectral with time_specinit (model.init), RMSNorm without affine (dit.py's norms),
+  init_type spectral without time_specinit (model.init = 'spectral_except_embedders': the yaml's
+  model_kwargs, time_specinit true among them, reach the DiT as one nested keyword argument that
+  it ignores, so the DiT's defaults apply), RMSNorm without affine (dit.py's norms),
   the raw t, h = t - s and beta in the embedders (dit.py: no 1000x: model.time_scale = 1);
   data_type bf16 (model.compute_dtype); detach_jvp false; do_scale_param true (scale_output).
 * loss (yaml loss): s_P_mean -0.4, s_P_std 1, gap_P_mean -0.8, gap_P_std 1, cfg 2.0 (fixed),
@@ -41,7 +43,7 @@ def get_config():
   config.model.norm = "rms_norm"
   config.model.qk_norm = True
   config.model.modulation_norm = True       # do_mod_norm
-  config.model.init = "spectral"            # init_type spectral, time_specinit
+  config.model.init = "spectral_except_embedders"  # the DiT's defaults: spectral, time_specinit False
   config.model.time_scale = 1.0
   config.model.compute_dtype = "bfloat16"   # data_type bf16; the loss stays float32
 

@@ -5,7 +5,7 @@
   sample          generation.generate: samples of the checkpoint in the workdir
   eval            evaluate.evaluate: FID / IS / precision-recall of the checkpoint
   export          export.checkpoints.export_checkpoint: PyTorch files of the checkpoint
-  import          --import_from (a DiT / JiT state_dict, or a released IMM pickle) as step 0
+  import          --import_from (a DiT / JiT state_dict, or a released IMM or TVM pickle) as step 0
   encode_latents  encoding.encode_tfds: data.tfds_name through the VAE into data.latents_path
 
 `config_source` says where a mode's config comes from when --config is not given: the run's own
@@ -34,7 +34,7 @@ def config_source(mode: str, workdir, import_from: str):
     _IMPORTED[import_from] = pretrained.read(import_from)
     if _IMPORTED[import_from][1] is None:
       raise UsageError(f"--import_from={import_from} is a state_dict: give the model's "
-                       "--config (only pickled IMMPrecond files carry their settings)")
+                       "--config (pickled IMMPrecond and TVMWrapper files carry their settings)")
     return _IMPORTED[import_from][1], "The imported file's config."
   return None
 
@@ -62,12 +62,13 @@ def export(config, workdir: str, **_):
 
 
 def import_(config, workdir: str, *, import_from: str, drop_learned_sigma: bool, **_):
-  from kdiff_jax.export import checkpoints, pretrained
+  from kdiff_jax.export import checkpoints, pretrained, released_tvm
   if not import_from:
     raise UsageError("--mode=import needs --import_from=<IMM .pkl, or a state_dict .pt or "
                      ".safetensors>")
   state_dict, carried = _IMPORTED.get(import_from) or pretrained.read(import_from)
   if carried is not None:
+    released_tvm.check_config(carried, config)   # a TVM file's network against --config
     console.info("import: %s: %s", import_from, pretrained.describe(config))
   net = checkpoints.import_state_dict(state_dict, config, drop_learned_sigma=drop_learned_sigma)
   checkpoints.init_workdir(config, workdir, net)

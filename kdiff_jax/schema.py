@@ -68,7 +68,7 @@ def defaults() -> ml_collections.ConfigDict:
   model.qk_norm = False           # per-head RMSNorm of q and k
   model.modulation_norm = False   # each adaLN chunk divided by its RMS (TVM's do_mod_norm)
   model.guidance_embedder = False  # a learned embedding of the guidance input beta = 1/cfg (TVM)
-  model.init = "xavier_uniform"   # xavier_uniform (DiT) | spectral (TVM: normal / largest singular value)
+  model.init = "xavier_uniform"   # xavier_uniform (DiT) | spectral (TVM: normal / largest singular value) | spectral_except_embedders (TVM's time_specinit false)
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()

@@ -37,7 +37,7 @@ def plain_grids(context: actions.Sampling) -> list:
   return [actions.SampleGrid(context)]
 
 
-def _header(config, workdir, run: Setup, start_step: int, source: str) -> None:
+def _header(config, workdir, run: Setup, start_step: int, source: str, imported: bool) -> None:
   model, objective = config.model, config.objective
   size = (f"{model.size}/{model.patch_size}" if model.name != "mlp"
           else f"{model.mlp_width}x{model.mlp_depth}")
@@ -52,6 +52,10 @@ def _header(config, workdir, run: Setup, start_step: int, source: str) -> None:
   console.info("  %s; %d steps to go",
                f"resumed from step {start_step}" if start_step else "starting at step 0",
                config.training.num_steps - start_step)
+  if imported:   # a step-0 checkpoint is written only by --mode=import
+    console.info("  from the imported weights: the network, its EMA weights%s start at them; "
+                 "a fresh optimizer state",
+                 " and the teacher" if run.objective.teacher_decay else "")
 
 
 def _restore_or_init(run: Setup, mngr, workdir: str, allow_config_change=()):
@@ -105,7 +109,7 @@ def train_and_evaluate(config, workdir: str, *, source: str = "", allow_config_c
     mngr.close()
     raise
   start_step = int(state["step"])
-  _header(config, workdir, run, start_step, source)
+  _header(config, workdir, run, start_step, source, imported=mngr.latest_step() == 0)
 
   build_iterator = lambda start: data.build_iterator(
       config.data, global_batch_size=training.batch_size,

@@ -389,3 +389,32 @@ def test_torch_twin_with_tvm_options_loads_strictly_and_matches():
                         guidance=torch.from_numpy(beta)).permute(0, 2, 3, 1).numpy()
   assert np.std(expected) > 0.1
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["spectral", "spectral_except_embedders"])
+def test_spectral_init_leaves_the_embedders_at_normal_only_when_asked(init):
+  """TVM's init_type='spectral' (lumalabs/tvm training/dit.py initialize_weights): each Linear and
+  the patch conv (flattened to [fan_in, D]) has largest singular value 1; the time, stride and
+  guidance embedders too with time_specinit, else normal(0.02); adaLN and the final linear zero."""
+  from flax import nnx
+  from kdiff_jax.models import dit
+  model = dit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                  num_heads=4, mlp_ratio=4.0, num_classes=10, second_time_embedder=True,
+                  time_scale=1.0, norm="rms_norm", qk_norm=True, modulation_norm=True,
+                  guidance_embedder=True, init=init, rngs=nnx.Rngs(0))
+  net = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  top = lambda w: np.linalg.norm(np.asarray(w).reshape(-1, np.shape(w)[-1]), ord=2)
+  for name in ("x_embedder", "blocks"):
+    kernels = [net["x_embedder"]["proj"]["kernel"]] if name == "x_embedder" else [
+        net["blocks"][0]["attn"]["qkv"]["kernel"], net["blocks"][1]["mlp"]["fc2"]["kernel"]]
+    for kernel in kernels:
+      np.testing.assert_allclose(top(kernel), 1.0, rtol=1e-5)
+  for embedder in dit.EMBEDDERS:
+    for layer in (0, 2):
+      kernel = np.asarray(net[embedder]["mlp"][layer]["kernel"])
+      if init == "spectral":
+        np.testing.assert_allclose(top(kernel), 1.0, rtol=1e-5)
+      else:
+        assert 0.018 < kernel.std() < 0.022 and abs(top(kernel) - 1.0) > 0.3, (embedder, layer)
+  assert not np.any(np.asarray(net["blocks"][0]["adaLN_modulation"][1]["kernel"]))
+  assert not np.any(np.asarray(net["final_layer"]["linear"]["kernel"]))

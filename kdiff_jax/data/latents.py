@@ -31,6 +31,9 @@ METADATA = "metadata.json"
 IMM_IMAGENET_STATS = dict(latent_channel_mean=(0.86488, -0.27787343, 0.21616915, 0.3738409),
                           latent_channel_std=(4.85503674, 5.31922414, 3.93725398, 3.9870003),
                           latent_scale=0.5)
+# lumalabs/tvm configs/im512_*.yaml encoder: SD-VAE latents of 512x512 ImageNet, final_std 1.
+TVM_IMAGENET512_STATS = dict(latent_channel_mean=(1.56, -0.695, 0.483, 0.729),
+                             latent_channel_std=(5.27, 5.91, 4.21, 4.31), latent_scale=1.0)
 
 
 def _load(directory: str, name: str) -> np.ndarray:

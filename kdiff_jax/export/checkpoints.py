@@ -151,7 +151,8 @@ def import_state_dict(state_dict, config, *, drop_learned_sigma: bool = False) -
 
 
 def init_workdir(config, workdir: str, net_params) -> None:
-  """Save a step-0 checkpoint in workdir whose network and EMA weights are net_params.
+  """Save a step-0 checkpoint in workdir whose network, EMA and teacher (TVM) weights are
+  net_params.
 
   `main.py --config=... --workdir=...` then resumes from it: fine-tuning with a fresh optimizer
   (and the objective's initial extra parameters, e.g. k-Diff's w_k).
@@ -166,6 +167,8 @@ def init_workdir(config, workdir: str, net_params) -> None:
                      net_params, shardings)
   initial["params"] = {**initial["params"], "net": net}
   initial["ema"] = {key: {**ema, "net": net} for key, ema in initial["ema"].items()}
+  if "teacher" in initial:   # TVM's EMA teacher starts at the imported weights too
+    initial["teacher"] = {**initial["teacher"], "net": net}
   checkpoint.save(mngr, 0, initial, 0, config)
   mngr.wait_until_finished()
   mngr.close()

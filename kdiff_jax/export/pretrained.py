@@ -25,7 +25,7 @@ import numpy as np
 
 from kdiff_jax import schema
 from kdiff_jax.data import latents
-from kdiff_jax.export import pickles
+from kdiff_jax.export import pickles, released_tvm
 from kdiff_jax.models import dit, unet
 
 PREFIX = "model."
@@ -187,6 +187,8 @@ def config_from_imm_precond(precond: pickles.Pickled, tensors: dict):
 
 def describe(config) -> str:
   """One line on what an imported config holds, for the console."""
+  if config.objective.name == "tvm":
+    return released_tvm.describe(config)
   model, objective, sampling = config.model, config.objective, config.sampling
   return (f"IMM {model.name} {model.size}/{model.patch_size} on {config.data.image_size}x"
           f"{config.data.image_size}x{config.data.channels}, {config.data.num_classes} classes, "
@@ -199,7 +201,8 @@ def read(path: str):
   """(IMMPrecond-free state_dict of the network, config or None) of a released file.
 
   A pickled {'ema': IMMPrecond} (or a bare pickled IMMPrecond) gives its EMA network's tensors
-  and the config built from it; a state_dict (torch file, safetensors, npz; IMMPrecond keys
+  and the config built from it; lumalabs/tvm's {'ema' or 'net': TVMWrapper} likewise
+  (released_tvm.py); a state_dict (torch file, safetensors, npz; IMMPrecond keys
   or the network's) gives its tensors and None: pass --config.
   """
   from kdiff_jax.export import weight_files
@@ -212,6 +215,8 @@ def read(path: str):
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
       raise ValueError(f"--import_from={path} is not a readable pickle or torch file: "
                        f"{error}") from error
+  if released_tvm.wrapper_of(tree) is not None:
+    return released_tvm.read(tree, path)
   precond = tree.get("ema", tree) if isinstance(tree, dict) else tree
   if isinstance(precond, pickles.Pickled) and "model" in precond.state.get("_modules", {}):
     tensors = {key: np.asarray(value, np.float32)

@@ -14,7 +14,9 @@ without affine in place of DiT's LayerNorm), qk_norm (per-head RMSNorm of q and 
 weight), modulation_norm (do_mod_norm: each adaLN chunk divided by its RMS), a guidance embedder
 (a TimestepEmbedder of the guidance input beta = 1/cfg, added to c), init='spectral' (every
 Linear and the patch conv xavier-normal divided by its largest singular value; the zero-initialised
-adaLN and output layers and the label table as DiT), and num_heads (TVM's XL/2 has 18 heads).
+adaLN and output layers and the label table as DiT; 'spectral_except_embedders' leaves the time,
+stride and guidance embedders at DiT's normal(0.02), TVM's time_specinit=False), and num_heads
+(TVM's XL/2 has 18 heads).
 
 Attribute names are DiT's, so a flattened parameter path maps onto the torch state_dict key with
 export/convert.py's `torch_name` (a rename), and the value by a transpose: Linear kernel
@@ -38,7 +40,8 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (1, 2, 4, 8)
-INITS = ("xavier_uniform", "spectral")
+INITS = ("xavier_uniform", "spectral", "spectral_except_embedders")
+EMBEDDERS = ("t_embedder", "s_embedder", "guidance_embedder")
 
 
 class DiTBlock(nnx.Module):
@@ -153,8 +156,8 @@ class DiT(nnx.Module):
         depth, rngs, scan=scan_blocks)
     self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
                                   rngs=rngs, norm=norm_layer, modulation_norm=modulation_norm)
-    if init == "spectral":
-      spectral_init(self, rngs)
+    if init.startswith("spectral"):
+      spectral_init(self, rngs, embedders=init == "spectral")
 
   @property
   def second_time_embedder(self) -> bool:
@@ -203,14 +206,17 @@ def spectral_normal(key, shape, dtype=jnp.float32):
   return (w / jnp.linalg.norm(w.reshape(-1, shape[-1]), ord=2)).astype(dtype)
 
 
-def spectral_init(dit: "DiT", rngs: nnx.Rngs) -> None:
+def spectral_init(dit: "DiT", rngs: nnx.Rngs, embedders: bool = True) -> None:
   """Re-draw every kernel of `dit` with `spectral_normal` except the zero-initialised ones (adaLN
-  modulations, the final linear) and the label table (TVM's initialize_weights, time_specinit)."""
+  modulations, the final linear), the label table and, with embedders=False, the time, stride and
+  guidance embedders' MLPs (TVM's initialize_weights with time_specinit = embedders)."""
   for path, module in nnx.iter_graph(dit):
     if not isinstance(module, (nnx.Linear, nnx.Conv)):
       continue
     names = [str(p) for p in path]
     if "adaLN_modulation" in names or names[-2:] == ["final_layer", "linear"]:
+      continue
+    if not embedders and names[0] in EMBEDDERS:
       continue
     shape = module.kernel[...].shape
     if names[0] == "blocks" and dit.scan_blocks:   # [depth, in, out]: one matrix per block
