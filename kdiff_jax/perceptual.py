@@ -90,16 +90,20 @@ def compute_dtype(config):
 
 
 def _convnext_files(path: str):
-  """(config.json, model.safetensors) of a save_pretrained folder, or of a .safetensors file
-  with config.json beside it."""
+  """(config.json, weights) of a save_pretrained folder (its model.safetensors, or an older
+  save's pytorch_model.bin), or of a .safetensors file with config.json beside it."""
   if path.endswith(".safetensors"):
     return os.path.join(os.path.dirname(path), "config.json"), path
-  return os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+  weights_file = os.path.join(path, "model.safetensors")
+  older = os.path.join(path, "pytorch_model.bin")
+  if not os.path.isfile(weights_file) and os.path.isfile(older):
+    weights_file = older
+  return os.path.join(path, "config.json"), weights_file
 
 
 def check(config) -> None:
-  """Each file of a net in use exists (unless perceptual.tiny_random), named with where to get
-  it; the crop's scale and ratio are intervals of positive numbers."""
+  """Each file of a net in use exists (unless perceptual.tiny_random); a missing one is named
+  with where to get it."""
   cfg = config.perceptual
   if cfg.tiny_random:
     return
@@ -150,7 +154,9 @@ def _graphdef(config, net):
 
 
 def _read(config, net) -> dict:
-  """The float32 pure-dict params of `net` from its files (module docstring's layouts)."""
+  """The float32 pure-dict params of `net` from its files (their layouts: docs/perceptual.md):
+  torchvision's features.N.* (its classifier.* unread), the heads' lin{l}.model.1.weight as
+  lin{l}.weight, transformers' names as they are with GRN's [1, 1, 1, C] flattened."""
   cfg = config.perceptual
   build = lambda: _build(config, net, jnp.float32)
   if net == "lpips":

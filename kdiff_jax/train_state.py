@@ -202,21 +202,35 @@ def make_train_step(setup: Setup):
 
 
 class WithFrozen:
-  """train_step(state, batch) of an objective with frozen weights: the jitted step called with
-  them as its third argument (placed on the mesh at the first call); `lower(state, batch)` lowers
-  it with their abstract shapes (AOT compiles, where nothing is placed)."""
+  """train_step(state, batch) of an objective with frozen weights: a stage of the jitted step
+  (the jitted function, its Lowered or its Compiled) called with them as its third argument,
+  placed on the mesh at the first call. `lower(state, batch)` lowers with their abstract shapes
+  (AOT compiles, where nothing is placed) and `compile()` keeps the binding, so
+  `step.lower(state, batch).compile()(state, batch)` works as for a step without them; every other
+  attribute (memory_analysis, cost_analysis, as_text, in_tree, ...) is the stage's."""
 
-  def __init__(self, jitted, setup: Setup):
-    self.jitted, self.setup, self.placed = jitted, setup, None
+  def __init__(self, stage, setup: Setup, placed=None):
+    self.stage, self.setup = stage, setup
+    self.placed = placed if placed is not None else []   # shared by the stages derived from it
+
+  def frozen(self):
+    if not self.placed:
+      shardings = jax.tree.map(lambda x: x.sharding, self.setup.abstract_frozen)
+      self.placed.append(jax.device_put(self.setup.frozen, shardings))
+    return self.placed[0]
 
   def __call__(self, state, batch):
-    if self.placed is None:
-      shardings = jax.tree.map(lambda x: x.sharding, self.setup.abstract_frozen)
-      self.placed = jax.device_put(self.setup.frozen, shardings)
-    return self.jitted(state, batch, self.placed)
+    return self.stage(state, batch, self.frozen())
 
   def lower(self, state, batch):
-    return self.jitted.lower(state, batch, self.setup.abstract_frozen)
+    return WithFrozen(self.stage.lower(state, batch, self.setup.abstract_frozen), self.setup,
+                      self.placed)
+
+  def compile(self, *args, **kwargs):
+    return WithFrozen(self.stage.compile(*args, **kwargs), self.setup, self.placed)
+
+  def __getattr__(self, name):
+    return getattr(self.stage, name)
 
 
 def sampling_params(state, config):

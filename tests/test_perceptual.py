@@ -124,6 +124,7 @@ def _perceptual_config(files=None):
   return config
 
 
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")   # lpips' own call
 def test_lpips_matches_the_lpips_package(files, registered):
   lpips, _ = reference_packages()
   config = _perceptual_config(files)
@@ -154,6 +155,8 @@ def test_convnext_matches_transformers(files, registered, output):
   _, transformers = reference_packages()
   config = _perceptual_config(files)
   config.perceptual.convnext_output = output
+  if output == "logits":   # the bare .safetensors, its config.json beside it
+    config.perceptual.convnext = os.path.join(files["convnext"], "model.safetensors")
   config.objective.toy.lpips_weight = 0.0
   frozen = perceptual.load(config)
   model = transformers.ConvNextV2ForImageClassification.from_pretrained(files["convnext"]).eval()
@@ -239,10 +242,14 @@ def test_a_run_with_frozen_nets_resumes_exactly_without_them_in_its_checkpoints(
   saved = [name for _, directories, names in os.walk(checkpoint.directory(workdir))
            for name in directories + names]
   assert not [name for name in saved if "frozen" in name or "lpips" in name or "convnext" in name]
-  # The frozen weights are arguments of the step (what aot.py lowers), not constants in it.
+  # The frozen weights are arguments of the step (what aot.py lowers), not constants in it, and
+  # the lowered and compiled step still run as step(state, batch) (benchmarks/step_time.py).
   run = train.setup(config, ONE)
   batch = {"image": jax.ShapeDtypeStruct((16, 8, 8, 2), jnp.float32),
            "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
   lowered = train.make_train_step(run).lower(run.abstract_state, batch)
   assert lowered.in_tree.num_leaves == (len(jax.tree.leaves(run.abstract_state)) + 2
                                         + len(jax.tree.leaves(run.frozen)))
+  state, metrics = lowered.compile()(resumed, {"image": jnp.zeros((16, 8, 8, 2)),
+                                               "label": jnp.zeros((16,), jnp.int32)})
+  assert int(state["step"]) == 5 and np.isfinite(float(metrics["loss"]))
