@@ -3,8 +3,9 @@
 JAX side (imports torch only to write .pt and read .pth):
   convert.py         Flax params <-> torch state_dict, every network's names and transposes (DiT,
                      JiT, SongUNet, iMF's DiT; any network by its torch names), NumPy only
-  weight_files.py    PyTorch weight files (.safetensors, .npz, .pth) read; the SD-VAE's and FID
-                     Inception's released weights loaded into models/vae.py and inception.py
+  state_dicts.py     PyTorch weight files (.safetensors, .npz, .pth) read into NumPy
+  weight_files.py    the SD-VAE's and FID Inception's released weights loaded into models/vae.py
+                     and inception.py
   checkpoints.py     checkpoint -> .safetensors / .pt / .json; DiT-format state_dict -> Flax params
                      or a step-0 checkpoint to fine-tune
   pretrained.py, pickles.py  released checkpoints (DiT, IMM) read into our layout
