@@ -71,7 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow | imm | kdiff | meanflow | imf | tvm, or a registered one
+  objective.name = "flow"         # flow | imm | kdiff | meanflow | imf | pmf | tvm, or a registered one
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity

@@ -4,8 +4,8 @@
   loss, metrics = objective.loss(params, batch, rng)
 
 A method is one module (or any object with these names), registered with
-`objectives.register(name, method)`; the package registers flow, kdiff, imm, meanflow, imf and
-tvm, and anyone may register another from outside:
+`objectives.register(name, method)`; the package registers flow, kdiff, imm, meanflow, imf,
+pmf and tvm, and anyone may register another from outside:
 
   defaults()        optional: a ConfigDict, the fields of its config section objective.<name>
                     (gathered into schema.defaults() by `sections`)
@@ -29,7 +29,7 @@ the export's JSON says about it, and the name of its PyTorch sampler. The packag
                     velocity, score, or u_k with k-Diff's k(params, t)) on a schedule
   imm.OneStepMap    IMM: f_{s,t}(x_t) = c_skip·x_t + c_out·G(c_in·x_t, t, s) on a schedule
   meanflow.AverageVelocity  MeanFlow: u(z_t, r, t), one step z_r = z_t - (t - r)·u
-  imf.GuidedAverageVelocity  iMF: the same with guidance ω and its interval as network inputs
+  imf.GuidedAverageVelocity  iMF and pMF: the same with guidance ω and its interval as network inputs
   tvm.TerminalVelocity  TVM: f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg)
 
 An objective with a `teacher_decay` (TVM) trains against a teacher, an EMA of the online weights
@@ -45,7 +45,7 @@ import dataclasses
 from typing import Any, Callable, Protocol
 
 from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, tvm
+from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, pmf, tvm
 from kdiff_jax.rules import number, one_of
 
 
@@ -166,5 +166,5 @@ def build(config, apply_fn) -> Objective:
 
 
 for _name, _method in (("flow", flow), ("imm", imm), ("kdiff", kdiff), ("meanflow", meanflow),
-                       ("imf", imf), ("tvm", tvm)):
+                       ("imf", imf), ("pmf", pmf), ("tvm", tvm)):
   register(_name, _method)
