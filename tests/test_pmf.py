@@ -304,7 +304,7 @@ def test_config_validates_with_its_defaults():
     ("objective.pmf.interval_split", 1.0, r"objective.pmf.interval_split"),
     ("objective.pmf.share_r_equals_t", 0.333, r"objective.pmf.share_r_equals_t=0.333.*fraction"),
     ("objective.pmf.aux_v_head", False, r"objective.pmf.aux_v_head"),
-    ("sampling.guidance_scale", 9.0, r"sampling.guidance_scale=9.0.*objective.pmf.s_max"),
+    ("sampling.guidance_scale", 0.5, r"sampling.guidance_scale=0.5.*objective.pmf.s_max"),
     ("sampling.guidance_interval", (0.6, 0.9), r"objective.pmf.interval_split"),
     ("objective.schedule", "cosine", r"objective.schedule='cosine'.*rectified_flow"),
 ])
