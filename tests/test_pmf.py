@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdiff_jax import config as config_lib, objectives
+from kdiff_jax import config as config_lib, objectives, parallel, state, train_state
 from kdiff_jax.objectives import flow, meanflow, pmf
 from kdiff_jax.models import imf_dit
 from tests.test_imf_reference import _heads
+from tests.test_meanflow import assert_trees_close
 
 CLASSES = 10
 FLOOR = 0.05
@@ -280,6 +281,36 @@ def test_du_dt_through_the_conversion_matches_a_float64_finite_difference():
       assert scale > 1e-2
       np.testing.assert_allclose(du_dt[row], finite[row], atol=5e-4 * scale, err_msg=row)
     np.testing.assert_allclose(losses["x_hat"], z - d.t[:, None, None, None] * u, atol=1e-7)
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+def _loss_and_grads(config, devices):
+  """The objective's loss and gradients at perturbed initial weights on a batch of 64."""
+  setup = train_state.setup(config, devices)
+  rng = np.random.default_rng(0)
+  net = jax.tree.map(lambda p: p + 0.05 * rng.normal(size=p.shape).astype(p.dtype),
+                     jax.device_get(state.init_net(config)))
+  params = {"net": jax.device_put(net, setup.state_shardings["params"]["net"])}
+  sharding = parallel.batch_sharding(setup.mesh, config.mesh.rules)
+  batch = {"image": jax.device_put(rng.normal(size=(64, 4, 4, 1)).astype(np.float32), sharding),
+           "label": jax.device_put(np.arange(64) % CLASSES, sharding)}
+  grad_fn = jax.jit(jax.value_and_grad(setup.objective.loss, has_aux=True))
+  return jax.device_get(grad_fn(params, batch, jax.random.key(5)))
+
+
+def test_loss_and_gradients_agree_on_one_device_and_on_a_three_axis_mesh():
+  """data 2 x fsdp 2 x tensor 2: the draws, the split rows and the network all sharded."""
+  config = pmf_config()
+  config.training.batch_size = 64
+  (loss, metrics), grads = _loss_and_grads(config, jax.devices()[:1])
+  assert len(jax.devices()) == 8 and np.isfinite(loss)
+  config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+  (loss8, metrics8), grads8 = _loss_and_grads(config, jax.devices())
+  np.testing.assert_allclose(loss8, loss, rtol=1e-5)
+  for name in ("error_u", "error_v"):
+    np.testing.assert_allclose(metrics8[name], metrics[name], rtol=1e-5)
+  assert_trees_close(grads8["net"], grads["net"], rtol=1e-4, scale_atol=1e-3)
 
 
 # --- config -------------------------------------------------------------------------------------
