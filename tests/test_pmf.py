@@ -4,8 +4,8 @@ distance, du/dt against a float64 finite difference through the x-to-u conversio
 step against the official full-batch one, pMF's draw order, and the config checks.
 
 The networks here predict images and convert them as pMF's does, u = (z - x̂_u)/clip(t, 0.05, 1):
-an analytic two-headed one for the reference, and the tiny iMF DiT's outputs read as x̂ for the
-derivative and step tests.
+an analytic two-headed one for the reference, and a tiny pMF DiT for the derivative, step and
+device tests.
 """
 import dataclasses
 
@@ -17,7 +17,7 @@ from flax import nnx
 
 from kdiff_jax import config as config_lib, objectives, parallel, state, train_state
 from kdiff_jax.objectives import flow, meanflow, pmf
-from kdiff_jax.models import imf_dit
+from kdiff_jax.models import pmf_dit
 from tests.test_imf_reference import _heads
 from tests.test_meanflow import assert_trees_close
 
@@ -192,20 +192,15 @@ def test_draws_lay_out_interval_dropout_noise_and_omega():
 # --- the x-predicting DiT: du/dt and the cheaper step --------------------------------------------
 
 def _x_prediction_dit(dtype, seed=0):
-  """The tiny iMF DiT with its (u, v) outputs read as (x̂_u, x̂_v) and converted as pMF's network
-  does: apply(net, z, t, y, h, **conditioning) -> (z - x̂)/clip(t, 0.05, 1)."""
-  model = imf_dit.ImfDiT(input_size=4, in_channels=1, patch_size=2, hidden_size=32, depth=2,
-                         num_heads=2, head_depth=1, num_classes=CLASSES, dtype=dtype,
-                         rngs=nnx.Rngs(seed))
+  """A tiny pMF DiT (models/pmf_dit.py: x-predicting heads converted to (u, v) with its t) with
+  perturbed weights: apply(net, z, t, y, h, **conditioning) -> (z - x̂)/clip(t, 0.05, 1)."""
+  model = pmf_dit.PmfDiT(input_size=4, in_channels=1, patch_size=2, hidden_size=32, depth=2,
+                         num_heads=2, head_depth=1, bottleneck_dim=8, num_classes=CLASSES,
+                         t_floor=FLOOR, dtype=dtype, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(seed + 1)
   params = jax.tree.map(lambda p: jnp.asarray(p + 0.1 * rng.normal(size=p.shape), dtype), params)
-
-  def apply(net, z, t, labels, h, **conditioning):
-    out = nnx.merge(graphdef, net)(z, t, labels, h, **conditioning)
-    scale = jnp.clip(t, FLOOR, 1.0)[:, None, None, None]
-    return tuple((z - a) / scale for a in out) if isinstance(out, tuple) else (z - out) / scale
-  return apply, params
+  return (lambda net, *args, **kwargs: nnx.merge(graphdef, net)(*args, **kwargs)), params
 
 
 def _fixed_draws(dtype=jnp.float32):
@@ -315,22 +310,22 @@ def test_loss_and_gradients_agree_on_one_device_and_on_a_three_axis_mesh():
 
 # --- config -------------------------------------------------------------------------------------
 
-def test_config_validates_with_its_defaults():
+def test_config_validates_and_the_objective_builds():
   config = pmf_config()
-  config.model.name = "imf_dit"   # until the pmf_dit network lands: checked below
+  config_lib.validate(config)
+  assert objectives.module(config) is pmf and pmf.describe(config).section == "pmf"
+  config.sampling.guidance_scale = 8.5   # above 1 + s_max, as the official evaluation samples
+  config_lib.validate(config)
+  config.model.name = "imf_dit"
   with pytest.raises(ValueError, match="set model.name='pmf_dit'"):
-    pmf.check(config)
-  assert objectives.MODULES["pmf"] is pmf
-  assert pmf.describe(pmf_config()).section == "pmf"
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("objective.pmf.t_floor", 0.0, r"objective.pmf.t_floor"),
-    ("objective.pmf.t_floor", 1.0, r"objective.pmf.t_floor"),
+    ("model.t_floor", 0.0, r"model.t_floor"),
     ("objective.pmf.perceptual_max_t", 0.0, r"objective.pmf.perceptual_max_t"),
     ("objective.pmf.lpips_weight", -0.4, r"objective.pmf.lpips_weight"),
     ("objective.pmf.convnext_weight", -1.0, r"objective.pmf.convnext_weight"),
-    ("objective.pmf.tr_uniform", 0.1, r"objective.pmf.tr_uniform"),
     ("objective.pmf.s_max", -1.0, r"objective.pmf.s_max"),
     ("objective.pmf.interval_split", 1.0, r"objective.pmf.interval_split"),
     ("objective.pmf.share_r_equals_t", 0.333, r"objective.pmf.share_r_equals_t=0.333.*fraction"),

@@ -17,6 +17,7 @@ example (the batch mean at the end):
 * The noise e ~ noise_std·N(0, I) (pMF's noise_scale: 1 at 256 px, 2 at 512 px),
   z_t = (1 - t)·x + t·e, and the instantaneous velocity target
     v_t = (z_t - x)/clip(t, t_floor, 1)               (= e - x for t >= t_floor)
+  with the network's own floor, t_floor = model.t_floor (0.05).
 * ω, the interval, label dropout, v_c, v_u, v_g, the JVP with tangents (v_c, 1, 0),
   V = u + (t - r)·sg(du/dt) and loss_u + loss_v = w(L_u) + w(L_v): iMF's, with the v head
   (imf.make_step, imf.velocity_losses; the cheaper step by default, full_batch_jvp the official).
@@ -57,7 +58,6 @@ def defaults():
       cfg_beta=1.0,               # p(omega) ∝ omega^-cfg_beta (1: log-uniform)
       interval_split=0.5,         # t_min ~ U[0, split], t_max ~ U[split, 1] ([0, 1] on r = t rows)
       tr_uniform=False,           # redraw (t, r) uniformly on a tenth of the rows
-      t_floor=0.05,               # v_t = (z_t - x)/clip(t, t_floor, 1)
       lpips_weight=0.0,           # λ of the LPIPS-VGG16 term (0: off)
       convnext_weight=0.0,        # λ of the ConvNeXt-V2 logits term (0: off)
       perceptual_max_t=0.8,       # the perceptual terms only where t < perceptual_max_t
@@ -67,7 +67,6 @@ def defaults():
 RULES = {
     **imf.RULES,
     "tr_uniform": boolean(),
-    "t_floor": number(0, 1, low_open=True, high_open=True),
     "lpips_weight": number(0),
     "convnext_weight": number(0),
     "perceptual_max_t": number(0, 1, low_open=True),
@@ -142,6 +141,7 @@ def make_example_losses(config, apply_fn, distance=None):
   options = cfg.pmf
   step = imf.make_step(config, apply_fn, options, aux=True)
   weights = perceptual_weights(config)
+  t_floor = config.model.t_floor
   if weights and distance is None:
     raise ValueError(f"objective.pmf perceptual weights {weights}: the loss needs a distance")
   time = lambda a, like: parameterization.broadcast_time(a, like)
@@ -149,7 +149,7 @@ def make_example_losses(config, apply_fn, distance=None):
   def example_losses(net_params, x, labels, draws: Draws, frozen=None):
     t = draws.t
     z = parameterization.interpolate(x, draws.noise, t, schedules.get(cfg.schedule))
-    v_t = (z - x) / time(jnp.clip(t, options.t_floor, 1.0), x)
+    v_t = (z - x) / time(jnp.clip(t, t_floor, 1.0), x)
     u, big_v, v_head, v_g = step(net_params, z, v_t, labels, draws)
     losses = imf.velocity_losses(big_v, v_head, v_g, options, aux=True)
     x_hat = z - time(t, u) * u
