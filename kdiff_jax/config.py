@@ -7,11 +7,12 @@
 Every field must exist in the schema (`schema.defaults()`; an unknown one is named with the
 known fields of its section and the closest match, `schema.check_field_names`). Each registry
 states the rules of its own section and checks its combinations: `data`, `models`,
-`objectives`, `sampling` (which also checks that the method fits the objective and builds the
-host-side sampling plan) and `parallel` (the mesh); this module holds the rules of the sections
-no registry owns (seed, optimizer, training, eval, checkpoint, export). Every field has a rule.
+`objectives`, `perceptual` (its feature nets' files), `sampling` (which also checks that the
+method fits the objective and builds the host-side sampling plan) and `parallel` (the mesh);
+this module holds the rules of the sections no registry owns (seed, optimizer, training, eval,
+checkpoint, export). Every field has a rule.
 """
-from kdiff_jax import data, models, objectives, parallel, sampling, schema
+from kdiff_jax import data, models, objectives, parallel, perceptual, sampling, schema
 from kdiff_jax.schema import boolean, number, one_of, sequence, text
 
 RULES = {
@@ -48,7 +49,7 @@ RULES = {
 }
 
 # The registries, each with RULES for its section and check(config) for its combinations.
-REGISTRIES = (data, models, objectives, sampling, parallel)
+REGISTRIES = (data, models, objectives, perceptual, sampling, parallel)
 
 # Fields a run may change when it resumes (a warning says which): its length and cadence, the
 # learning rate and its schedule, where files are read and written, sampling, evaluation, the
@@ -62,7 +63,8 @@ RESUMABLE = (
     "training.max_rollbacks", "training.spike_factor", "optimizer.learning_rate",
     "optimizer.lr_schedule", "optimizer.warmup_steps", "data.vae_path", "data.tfds_data_dir",
     "data.latent_shard_size", "data.encode_batch_size", "sampling.", "eval.", "checkpoint.",
-    "export.", "mesh.", "model.attention", "model.remat",
+    "export.", "mesh.", "model.attention", "model.remat", "perceptual.lpips_vgg16",
+    "perceptual.lpips_heads", "perceptual.convnext",
 )
 
 

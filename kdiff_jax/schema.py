@@ -1,13 +1,14 @@
 """The config schema: every field a run reads, with its default.
 
-`defaults()` is the base config, in sections (data, model, objective, optimizer, training,
-sampling, mesh, eval, checkpoint, export); `configs/` experiments start from it and override a
-few fields. A field that is not here does not exist: `config.validate` rejects it, naming the
-known fields. Each objective's own section (objective.imm, objective.tvm, ...) comes from its
-module through the registry (`objectives.sections`), so a registered objective brings its
-fields. Each registry (data, models, objectives, sampling, parallel) states the rules of its
-own section with the vocabulary of kdiff_jax/rules.py (named here too, for the registries that
-read it from here); `config.validate` applies them all before anything is built or compiled.
+`defaults()` is the base config, in sections (data, model, objective, perceptual, optimizer,
+training, sampling, mesh, eval, checkpoint, export); `configs/` experiments start from it and
+override a few fields. A field that is not here does not exist: `config.validate` rejects it,
+naming the known fields. Each objective's own section (objective.imm, objective.tvm, ...) comes
+from its module through the registry (`objectives.sections`), so a registered objective brings
+its fields. Each registry (data, models, objectives, perceptual, sampling, parallel) states the
+rules of its own section with the vocabulary of kdiff_jax/rules.py (named here too, for the
+registries that read it from here); `config.validate` applies them all before anything is built
+or compiled.
 """
 import difflib
 
@@ -90,6 +91,20 @@ def defaults() -> ml_collections.ConfigDict:
   # kdiff_jax/objectives/<name>.py, gathered by the registry).
   for name, section in objectives.sections().items():
     objective[name] = section
+
+  # --- perceptual: the frozen feature nets of an objective's perceptual losses (pMF's LPIPS and
+  # ConvNeXt; kdiff_jax/perceptual.py, docs/perceptual.md), run where objective.<name>.lpips_weight
+  # or convnext_weight > 0. Nothing is downloaded: the files are the user's.
+  config.perceptual = perceptual = ml_collections.ConfigDict()
+  perceptual.lpips_vgg16 = ""     # torchvision's VGG16 state_dict (vgg16-397923af.pth)
+  perceptual.lpips_heads = ""     # the lpips package's lpips/weights/v0.1/vgg.pth
+  perceptual.convnext = ""        # save_pretrained folder (or .safetensors), convnextv2-base-22k-224
+  perceptual.convnext_output = "pooled"  # pooled (normed pooled features: pMF's code) | logits
+  perceptual.crop_size = 224      # one paired random resized crop per example, to crop_size^2
+  perceptual.crop_scale = (0.08, 1.0)  # its area fraction
+  perceptual.crop_ratio = (3 / 4, 4 / 3)  # its aspect ratio
+  perceptual.compute_dtype = "model"  # model (= model.compute_dtype) | float32 | bfloat16
+  perceptual.tiny_random = False  # tiny randomly initialised nets instead of the files (CPU demos)
 
   # --- optimizer: optax AdamW with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()

@@ -9,12 +9,18 @@ The train state is a plain pytree {step, params, opt_state, ema, rng}; params = 
 model's parameters as a pure dict, **the objective's extra parameters}. An objective with a
 `teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
 updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
-loss as `teacher=`. The step's randomness
+loss as `teacher=`. An objective with a `frozen` loader (pMF's perceptual nets) has its frozen
+weights loaded once by `setup` (`Setup.frozen`, host arrays; a resumed run reloads them from
+their files), replicated over the mesh (each batch shard runs the whole feature nets; they are
+small beside the batch's activations) and passed to the jitted step as an argument, not baked
+into the program; the loss gets them as `frozen=`. They are outside the train state: never
+optimised, never checkpointed. The step's randomness
 is fold_in(rng, step): a resumed run draws exactly what a straight run does. The training loop
 (train.py), the ahead-of-time compiles (aot.py) and the import of released weights
 (export/checkpoints.py) build their state here; nothing here runs a loop, samples or evaluates.
 """
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -38,6 +44,8 @@ class Setup:
   optimizer: optax.GradientTransformation
   abstract_state: Any     # ShapeDtypeStructs carrying their shardings
   state_shardings: Any
+  frozen: Any = None      # the objective's frozen weights (host arrays), or None
+  abstract_frozen: Any = None   # their ShapeDtypeStructs, replicated over the mesh
 
   @property
   def objective(self):
@@ -91,7 +99,13 @@ def setup(config, devices=None) -> Setup:
     state_shardings["teacher"] = weights.shardings
     abstract_state["teacher"] = weights.abstract
   abstract_state = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-  built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings)
+  frozen = abstract_frozen = None
+  if weights.objective.frozen is not None:
+    frozen = weights.objective.frozen()
+    abstract_frozen = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
+  built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings, frozen,
+                abstract_frozen)
   _check_per_step_metrics(built)
   return built
 
@@ -106,8 +120,9 @@ def _check_per_step_metrics(setup: Setup) -> None:
   abstract_batch = {
       "image": jax.ShapeDtypeStruct((batch,) + data.element_shape(config.data), jnp.float32),
       "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  _, metrics = jax.eval_shape(setup.objective.loss, setup.weights.abstract, abstract_batch,
-                              jax.random.key(0))
+  frozen = {} if setup.frozen is None else {"frozen": setup.abstract_frozen}
+  _, metrics = jax.eval_shape(functools.partial(setup.objective.loss, **frozen),
+                              setup.weights.abstract, abstract_batch, jax.random.key(0))
   known = sorted(set(metrics) | {"loss", "grad_norm"})
   if wanted - set(known):
     raise ValueError(f"training.per_step_metrics={tuple(config.training.per_step_metrics)}: "
@@ -153,10 +168,12 @@ def make_train_step(setup: Setup):
       net = parallel.gathered_once(net, net_shardings, batch_axes)
     return objective.loss(dict(params, net=net), *args, **kwargs)
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen=None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     teacher = {"teacher": state["teacher"]} if "teacher" in state else {}
+    if frozen is not None:
+      teacher["frozen"] = frozen
     (loss, metrics), grads = grad_fn(state["params"], batch, rng, **teacher)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -175,10 +192,31 @@ def make_train_step(setup: Setup):
     return new_state, metrics
 
   batch_sharding = parallel.batch_sharding(setup.mesh, setup.config.mesh.rules)
-  return jax.jit(train_step, in_shardings=(setup.state_shardings, {"image": batch_sharding,
-                                                                   "label": batch_sharding}),
-                 out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  in_shardings = (setup.state_shardings, {"image": batch_sharding, "label": batch_sharding})
+  if setup.frozen is not None:
+    in_shardings += (jax.tree.map(lambda x: x.sharding, setup.abstract_frozen),)
+  jitted = jax.jit(train_step, in_shardings=in_shardings,
+                   out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
+                   donate_argnums=(0,))
+  return jitted if setup.frozen is None else WithFrozen(jitted, setup)
+
+
+class WithFrozen:
+  """train_step(state, batch) of an objective with frozen weights: the jitted step called with
+  them as its third argument (placed on the mesh at the first call); `lower(state, batch)` lowers
+  it with their abstract shapes (AOT compiles, where nothing is placed)."""
+
+  def __init__(self, jitted, setup: Setup):
+    self.jitted, self.setup, self.placed = jitted, setup, None
+
+  def __call__(self, state, batch):
+    if self.placed is None:
+      shardings = jax.tree.map(lambda x: x.sharding, self.setup.abstract_frozen)
+      self.placed = jax.device_put(self.setup.frozen, shardings)
+    return self.jitted(state, batch, self.placed)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.setup.abstract_frozen)
 
 
 def sampling_params(state, config):

@@ -41,6 +41,10 @@ CASES = [
      r"unknown config field 'sampling.options.etaa'; did you mean 'sampling.options.eta'\?"),
     ("flow", {"mesh.rules": (("batch",),)}, r"mesh.rules=\(\('batch',\),\): must be a tuple of \(logical name, mesh axes\)"),
     ("flow", {"training.ema_decays": ("fast",)}, r"training.ema_decays=\('fast',\): must be a tuple of entries, each a finite number in \[0, 1\)"),
+    # --- perceptual
+    ("flow", {"perceptual.crop_scale": (0.5, 0.1)},
+     r"perceptual.crop_scale=\(0.5, 0.1\): must be a pair \(lo, hi\) with lo <= hi"),
+    ("flow", {"perceptual.crop_size": 16}, r"perceptual.crop_size=16: must be an int >= 32"),
     # --- data
     ("flow", {"data.name": "mnist"}, r"data.name='mnist': must be one of \['digits', 'synthetic'"),
     ("flow", {"data.image_size": 0}, r"data.image_size=0: must be an int >= 1"),

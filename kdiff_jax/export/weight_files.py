@@ -1,8 +1,8 @@
 """PyTorch weight files, read into our networks: the reader, and the released networks that we only
 ever load (the SD-VAE, pytorch-fid's FID Inception), by their torch names (convert.load).
 
-Reading files: `.safetensors` (safetensors' numpy reader), `.npz` (arrays under the torch
-keys), or `.pth` / `.pt` / `.bin` (needs torch; read with `weights_only=True`).
+Reading files: `read_state_dict` (export/state_dicts.py, re-exported here) reads `.safetensors`,
+`.npz` (arrays under the torch keys), or `.pth` / `.pt` / `.bin` (needs torch; `weights_only=True`).
 
   graphdef, params, arch = weight_files.vae("/weights/sd-vae-ft-ema")   # models/vae.py
   decode, params = weight_files.vae_decoder(path)  # jitted decode(params, z), read once per path
@@ -13,7 +13,6 @@ pt_inception-2015-12-05-6726825d.pth) convert, with torch, into an .npz that loa
 `python -m kdiff_jax.export.weight_files IN.pth OUT.npz`.
 """
 import functools
-import os
 import re
 import sys
 
@@ -22,35 +21,12 @@ import numpy as np
 from flax import nnx
 
 from kdiff_jax.export import convert
+from kdiff_jax.export.state_dicts import read_state_dict  # noqa: F401 (read here too)
 from kdiff_jax.models import inception as inception_lib
 from kdiff_jax.models import vae as vae_lib
 
 # Old diffusers attention names (checkpoints saved before diffusers 0.14) -> current names.
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{torch key: float32 numpy array} from a .safetensors, .npz or torch pickle file.
-
-  A torch file holding {'model': ..., 'ema': ...} (DiT's training checkpoints, export's .pt)
-  gives its 'ema' entry, as DiT's find_model does; a bare state_dict is used as is.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"weights file {path!r} does not exist")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    tensors = load_file(path)
-  elif path.endswith(".npz"):
-    with np.load(path) as archive:
-      tensors = {key: archive[key] for key in archive.files}
-  else:
-    import torch
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "ema" in state:
-      state = state["ema"]
-    tensors = {key: value.float().numpy() for key, value in state.items()}
-  return {key: np.asarray(value, np.float32) for key, value in tensors.items()
-          if not key.endswith("num_batches_tracked")}
 
 
 def _current_name(key: str) -> str:

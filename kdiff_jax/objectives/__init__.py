@@ -34,7 +34,8 @@ the export's JSON says about it, and the name of its PyTorch sampler. The packag
 
 An objective with a `teacher_decay` (TVM) trains against a teacher, an EMA of the online weights
 with that decay that the trainer keeps in the train state (`state['teacher']`, updated every
-step, checkpointed) and hands to the loss: `loss(params, batch, rng, teacher=...)`.
+step, checkpointed) and hands to the loss: `loss(params, batch, rng, teacher=...)`. One with a
+`frozen` loader (pMF's perceptual nets) gets its frozen weights as `loss(..., frozen=...)`.
 
 `describe(config)` gives the description from the config alone (the config check uses it to
 match sampler and objective). The network is reached only through
@@ -82,6 +83,10 @@ class Objective:
   # The loss also runs the network with full_precision=True (IMM's target pass), so it must get
   # the stored float32 weights, not the ones cast once for the compute dtype (state.Model).
   full_precision_pass: bool = False
+  # Frozen feature nets the loss runs (pMF's perceptual losses): frozen() -> a pytree of host
+  # arrays (kdiff_jax/perceptual.py's load). The trainer places it on the mesh and hands it to the
+  # loss as `frozen=` (a jit argument, outside the train state: never optimised nor checkpointed).
+  frozen: Callable[[], Any] | None = None
 
 
 # The predictions a flow objective trains (u_k is k-Diff's, which sets it itself).
