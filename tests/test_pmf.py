@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdiff_jax import config as config_lib, objectives, parallel, state, train_state
+from kdiff_jax import config as config_lib, objectives, parallel, perceptual, state, train_state
 from kdiff_jax.objectives import flow, meanflow, pmf
 from kdiff_jax.models import pmf_dit
 from tests.test_imf_reference import _heads
@@ -276,6 +276,41 @@ def test_du_dt_through_the_conversion_matches_a_float64_finite_difference():
       assert scale > 1e-2
       np.testing.assert_allclose(du_dt[row], finite[row], atol=5e-4 * scale, err_msg=row)
     np.testing.assert_allclose(losses["x_hat"], z - d.t[:, None, None, None] * u, atol=1e-7)
+
+
+def test_build_hands_the_frozen_nets_and_the_crop_to_the_perceptual_terms():
+  """objectives.build: the frozen loader (tiny random LPIPS and ConvNeXt), and a loss whose
+  perceptual terms are perceptual.distances on the draws' crop key, masked at t < 0.8."""
+  config = pmf_config()
+  config.data.name, config.data.channels = "synthetic", 3
+  config.objective.pmf.lpips_weight, config.objective.pmf.convnext_weight = 0.4, 0.1
+  config.perceptual.tiny_random, config.perceptual.crop_size = True, 32
+  config_lib.validate(config)
+  model = state.build_model(config)
+  objective = objectives.build(config, model.apply)
+  frozen = objective.frozen()
+  assert set(frozen) == {"lpips", "convnext"}
+  rng = np.random.default_rng(0)
+  net = jax.tree.map(lambda p: p + 0.05 * rng.normal(size=p.shape).astype(p.dtype),
+                     jax.device_get(state.init_net(config)))
+  x = jnp.asarray(rng.uniform(-1, 1, size=(8, 4, 4, 3)), jnp.float32)
+  labels, key = jnp.arange(8) % CLASSES, jax.random.key(1)
+  loss, metrics = jax.jit(objective.loss)({"net": net}, {"image": x, "label": labels}, key,
+                                          frozen=frozen)
+  draws = pmf.draw(key, x, labels, config)
+  plain = pmf_config()
+  direct = jax.jit(pmf.make_example_losses(plain, model.apply))(net, x, labels, draws)
+  d = jax.jit(lambda x_hat: perceptual.distances(frozen, config, draws.crop, x_hat, x))(
+      direct["x_hat"])
+  kept = np.asarray(draws.t) < 0.8
+  assert kept.any() and not kept.all()
+  expected = np.asarray(direct["loss"])
+  for name, lambda_ in (("lpips", 0.4), ("convnext", 0.1)):
+    masked = np.where(kept, np.asarray(d[name]), 0.0)
+    assert np.all(masked[kept] > 0)
+    np.testing.assert_allclose(metrics[name], masked.mean(), rtol=1e-4)
+    expected = expected + lambda_ * masked / (masked + 0.01)
+  np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from kdiff_jax.rules import boolean, number
 JVP = True
 # tr_uniform: the probability that a row's (t, r) is redrawn uniformly (hard-coded in pmf.py).
 UNIFORM_SHARE = 0.1
-# The perceptual terms, in the order of their weights objective.pmf.<name>_weight.
+# The perceptual terms (perceptual.NETS), each weighted by objective.pmf.<name>_weight.
 PERCEPTUAL = ("lpips", "convnext")
 
 
@@ -121,10 +121,18 @@ def draw(rng, x, labels, config) -> Draws:
 
 
 def perceptual_weights(config) -> dict:
-  """{name: λ} of the perceptual terms that are on (weight > 0)."""
+  """{name: λ} of the perceptual terms that are on (objective.pmf.<name>_weight > 0)."""
   options = config.objective.pmf
   return {name: options[f"{name}_weight"] for name in PERCEPTUAL
           if options[f"{name}_weight"] > 0}
+
+
+def _perceptual():
+  """kdiff_jax.perceptual, imported when a pMF objective is built: it reads weight files
+  through export/, which imports the models, which import schema, which imports this package
+  (an import at the top would be circular)."""
+  from kdiff_jax import perceptual
+  return perceptual
 
 
 def make_example_losses(config, apply_fn, distance=None):
@@ -188,16 +196,19 @@ def describe(config) -> imf.GuidedAverageVelocity:
 
 
 def perceptual_distance(config):
-  """distance(frozen, key, x_hat, x) of the perceptual terms (None when they are off)."""
+  """distance(frozen, key, x_hat, x) of the perceptual terms: perceptual.distances on the
+  config's crop and feature nets (None when every weight is 0)."""
   if not perceptual_weights(config):
     return None
-  raise NotImplementedError(
-      "objective.pmf.lpips_weight / convnext_weight > 0: the perceptual feature networks "
-      "(kdiff_jax/perceptual.py) are not in this build yet; set both to 0")
+  distances = _perceptual().distances
+  return lambda frozen, key, x_hat, x: distances(frozen, config, key, x_hat, x)
 
 
 def build(config, apply_fn):
+  """The objective; with perceptual terms, the loader of their frozen feature nets
+  (perceptual.loader), whose weights the trainer hands to the loss as `frozen=`."""
   check(config)
   metrics = ("error_u", "error_v") + tuple(perceptual_weights(config))
   example_losses = make_example_losses(config, apply_fn, perceptual_distance(config))
-  return meanflow.objective(config, draw, example_losses, metrics, describe(config))
+  return dict(meanflow.objective(config, draw, example_losses, metrics, describe(config)),
+              frozen=_perceptual().loader(config))
