@@ -10,7 +10,8 @@ The official recipe (Lyy-iiis/pMF `configs/default.py`, `configs/pMF_B_16_config
   (objective.logit_normal_mean / std), data_proportion 0.5 (objective.pmf.share_r_equals_t),
   noise_scale 1.0 (objective.noise_std), omega on [1, 8) (cfg_max 7, cfg_beta 1),
   t_min ~ U[0, 0.5], t_max ~ U[0.5, 1], class_dropout_prob 0.1, norm_p 1, norm_eps 0.01;
-  perceptual terms on rows with t < 0.8: LPIPS-VGG16 x 0.4 and ConvNeXt-V2 logits x 0.1.
+  perceptual terms on rows with t < 0.8: LPIPS-VGG16 x 0.4 and ConvNeXt-V2 x 0.1 on one
+  random resized 224 crop (utils/auxloss_util.py).
 * optimizer (pMF_B_16_config.yml): Muon (optax.contrib.muon) lr 1e-3, Adam b2 0.95 for the
   parameters that are not matrices, no warm-up, constant rate; EMA 'edm' with half-lives 500,
   1000 and 2000 kimg (the evaluation picks 2000).
@@ -22,7 +23,11 @@ The official recipe (Lyy-iiis/pMF `configs/default.py`, `configs/pMF_B_16_config
   (objectives/pmf.py). Other released settings: B/32 omega 6.5 [0.1, 0.7]; L/16 omega 7.0
   [0.2, 0.7] (EMA 1000); L/32 omega 7.5 [0.2, 0.6].
 
-  python main.py --config=configs/pmf_in256.py --workdir=$WORKDIR
+The perceptual terms read the user's weight files (docs/perceptual.md; nothing is downloaded):
+
+  python main.py --config=configs/pmf_in256.py --workdir=$WORKDIR \
+    --config.perceptual.lpips_vgg16=$VGG16_PTH --config.perceptual.lpips_heads=$LPIPS_VGG_PTH \
+    --config.perceptual.convnext=$CONVNEXTV2_BASE_22K_224_DIR
 """
 from configs import default
 

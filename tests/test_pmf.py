@@ -356,6 +356,23 @@ def test_config_validates_and_the_objective_builds():
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("name, patch, noise, omega", [("pmf_in256", 16, 1.0, 8.5),
+                                                      ("pmf_in512", 32, 2.0, 6.5)])
+def test_imagenet_configs_validate_and_ask_for_the_feature_nets_files(name, patch, noise, omega):
+  """The official recipe's settings; without the LPIPS / ConvNeXt files the check stops, naming
+  the field (tiny random nets stand in here)."""
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert (config.model.patch_size, config.objective.noise_std) == (patch, noise)
+  assert (config.sampling.guidance_scale, tuple(config.sampling.guidance_interval)) == (
+      omega, (0.1, 0.7))
+  assert pmf.perceptual_weights(config) == {"lpips": 0.4, "convnext": 0.1}
+  with pytest.raises(ValueError, match="perceptual.lpips_vgg16=''"):
+    config_lib.validate(config)
+  config.perceptual.tiny_random = True
+  config_lib.validate(config)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("model.t_floor", 0.0, r"model.t_floor"),
     ("objective.pmf.perceptual_max_t", 0.0, r"objective.pmf.perceptual_max_t"),

@@ -23,7 +23,8 @@ example (the batch mean at the end):
   (imf.make_step, imf.velocity_losses; the cheaper step by default, full_batch_jvp the official).
 * Perceptual losses (lpips_weight, convnext_weight > 0) on the one-step image x̂ = z_t - t·u
   (every row, unclipped t): the per-example distances d(x̂, x) ('lpips': LPIPS-VGG16, 'convnext':
-  squared distance of ConvNeXt-V2 logits, on one shared random resized crop), each zeroed where
+  squared distance of ConvNeXt-V2 outputs, perceptual.convnext_output; on one shared random
+  resized crop; kdiff_jax/perceptual.py), each zeroed where
   t >= perceptual_max_t, then adaptively weighted on its own:
     loss = w(L_u) + w(L_v) + λ_lpips·w(d_lpips·[t < max_t]) + λ_convnext·w(d_convnext·[t < max_t])
 """
