@@ -287,7 +287,9 @@ def test_build_hands_the_frozen_nets_and_the_crop_to_the_perceptual_terms():
   config.perceptual.tiny_random, config.perceptual.crop_size = True, 32
   config_lib.validate(config)
   model = state.build_model(config)
-  objective = objectives.build(config, model.apply)
+  without = objectives.build(config, model.apply)   # sampling's: the loss refuses to run
+  assert without.frozen is None
+  objective = objectives.build(config, model.apply, feature_nets=perceptual)
   frozen = objective.frozen()
   assert set(frozen) == {"lpips", "convnext"}
   rng = np.random.default_rng(0)
@@ -297,6 +299,8 @@ def test_build_hands_the_frozen_nets_and_the_crop_to_the_perceptual_terms():
   labels, key = jnp.arange(8) % CLASSES, jax.random.key(1)
   loss, metrics = jax.jit(objective.loss)({"net": net}, {"image": x, "label": labels}, key,
                                           frozen=frozen)
+  with pytest.raises(ValueError, match="feature_nets=kdiff_jax.perceptual"):
+    jax.eval_shape(without.loss, {"net": net}, {"image": x, "label": labels}, key)
   draws = pmf.draw(key, x, labels, config)
   plain = pmf_config()
   direct = jax.jit(pmf.make_example_losses(plain, model.apply))(net, x, labels, draws)

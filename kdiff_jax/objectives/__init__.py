@@ -15,6 +15,8 @@ pmf and tvm, and anyone may register another from outside:
   build(config, apply_fn)  dict(loss=..., description=..., and Objective's other fields)
   JVP               optional, True: the loss differentiates the network with jax.jvp, so the
                     network's attention must be model.attention='xla' (cuDNN's has no JVP rule)
+  FEATURE_NETS      optional, True: build(config, apply_fn, feature_nets) also gets the module
+                    of frozen feature nets (kdiff_jax.perceptual; pMF's perceptual terms)
   upgrade(saved)    optional: an older spelling of its config (a checkpoint's JSON dict)
                     rewritten to today's (`upgrade`)
 
@@ -166,8 +168,14 @@ def describe(config) -> Description:
   return module(config).describe(config)
 
 
-def build(config, apply_fn) -> Objective:
-  return Objective(**module(config).build(config, apply_fn))
+def build(config, apply_fn, feature_nets=None) -> Objective:
+  """The objective of config. feature_nets: the module of frozen feature networks
+  (kdiff_jax.perceptual), handed to the build of a method with FEATURE_NETS (pMF's perceptual
+  terms); objectives never import it, as it reaches the models."""
+  method = module(config)
+  if getattr(method, "FEATURE_NETS", False):
+    return Objective(**method.build(config, apply_fn, feature_nets))
+  return Objective(**method.build(config, apply_fn))
 
 
 for _name, _method in (("flow", flow), ("imm", imm), ("kdiff", kdiff), ("meanflow", meanflow),

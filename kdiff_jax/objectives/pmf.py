@@ -41,6 +41,8 @@ from kdiff_jax.rules import boolean, number
 
 # The loss differentiates the network with jax.jvp (objectives.check: attention 'xla').
 JVP = True
+# build takes the frozen feature networks' module (objectives.build's feature_nets).
+FEATURE_NETS = True
 # tr_uniform: the probability that a row's (t, r) is redrawn uniformly (hard-coded in pmf.py).
 UNIFORM_SHARE = 0.1
 # The perceptual terms (perceptual.NETS), each weighted by objective.pmf.<name>_weight.
@@ -128,14 +130,6 @@ def perceptual_weights(config) -> dict:
           if options[f"{name}_weight"] > 0}
 
 
-def _perceptual():
-  """kdiff_jax.perceptual, imported when a pMF objective is built: it reads weight files
-  through export/, which imports the models, which import schema, which imports this package
-  (an import at the top would be circular)."""
-  from kdiff_jax import perceptual
-  return perceptual
-
-
 def make_example_losses(config, apply_fn, distance=None):
   """example_losses(net_params, x, labels, draws, frozen=None) -> {'loss', 'error_u', 'error_v'}
   and, with perceptual terms, {'lpips', 'convnext'} (the masked raw distances): [B]; 'compound'
@@ -196,20 +190,30 @@ def describe(config) -> imf.GuidedAverageVelocity:
                                    interval_split=options.interval_split, section="pmf")
 
 
-def perceptual_distance(config):
-  """distance(frozen, key, x_hat, x) of the perceptual terms: perceptual.distances on the
-  config's crop and feature nets (None when every weight is 0)."""
-  if not perceptual_weights(config):
-    return None
-  distances = _perceptual().distances
-  return lambda frozen, key, x_hat, x: distances(frozen, config, key, x_hat, x)
+def _without_feature_nets(config):
+  """The distance of an objective built without its feature nets (for sampling or export, where
+  the loss never runs): it refuses to run."""
+  def distance(*args):
+    del args
+    raise ValueError(f"objective.pmf perceptual weights {perceptual_weights(config)}: the loss "
+                     "needs the feature nets: build it with objectives.build(config, apply_fn, "
+                     "feature_nets=kdiff_jax.perceptual) (train_state.setup does)")
+  return distance
 
 
-def build(config, apply_fn):
-  """The objective; with perceptual terms, the loader of their frozen feature nets
-  (perceptual.loader), whose weights the trainer hands to the loss as `frozen=`."""
+def build(config, apply_fn, feature_nets=None):
+  """The objective. With perceptual terms, feature_nets is kdiff_jax.perceptual (handed in by
+  train_state.setup: this package may not import it, since it reaches the models): the distance
+  is its distances(frozen, config, key, x_hat, x), and the objective's `frozen` its loader, whose
+  weights the trainer hands to the loss as `frozen=`."""
   check(config)
   metrics = ("error_u", "error_v") + tuple(perceptual_weights(config))
-  example_losses = make_example_losses(config, apply_fn, perceptual_distance(config))
+  distance = frozen = None
+  if perceptual_weights(config) and feature_nets is None:
+    distance = _without_feature_nets(config)
+  elif perceptual_weights(config):
+    distance = lambda frozen, key, x_hat, x: feature_nets.distances(frozen, config, key, x_hat, x)
+    frozen = feature_nets.loader(config)
+  example_losses = make_example_losses(config, apply_fn, distance)
   return dict(meanflow.objective(config, draw, example_losses, metrics, describe(config)),
-              frozen=_perceptual().loader(config))
+              frozen=frozen)
