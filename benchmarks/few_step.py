@@ -6,7 +6,7 @@ Each method trains from its shipped digits config through the real command, on o
       --config.training.num_steps=<steps> --config.training.batch_size=<batch>
 
 with the same steps and batch for all (default 1500 x 128, the budget of the FM, IMM and MeanFlow
-demos; the iMF and TVM demos ship shorter runs, 750 and 800 steps), and everything else as
+demos; the iMF, pMF and TVM demos ship shorter runs), and everything else as
 shipped (model, objective, optimizer, EMA). Grids and checkpoints every 500 steps for all, so the
 printed wall time of the command (start-up, compiles, grids and checkpoints included) compares the
 methods' step costs on this machine. A workdir that already holds the run (its few_step.json) is
@@ -32,15 +32,16 @@ Samplers, each on the uniform grid of its config:
   meanflow MeanFlow mean_flow, z <- z - (t - r)·u; guidance trained in (omega 1, kappa 0.5): 1
   imf      iMF mean_flow with omega = 3 and the interval [0, 1] as network inputs (the v head
            skipped): 1
+  pmf      pMF (iMF with an x-predicting network, perceptual losses off) likewise: 1
   tvm      TVM, beta = 1/cfg = 1/2 as the network's input: 1
 
 With --unguided (default on), FM and IMM are also scored at w = 1 (one evaluation per step, the
 same network), so a column can be read at an equal number of network evaluations as well, and
-iMF at omega = 1 (its network input; omega is drawn on [1, 8] in training). MeanFlow's guidance
+iMF and pMF at omega = 1 (their network input; omega is drawn on [1, 8] in training). MeanFlow's guidance
 is fixed in training, and TVM at cfg 1 would feed beta = 1 with a real label, which its training
 (beta = 1 only on dropped-label rows) never sees: no such rows for them.
 
-  python benchmarks/few_step.py [--methods=fm,imm,meanflow,imf,tvm] [--steps=1500]
+  python benchmarks/few_step.py [--methods=fm,imm,meanflow,imf,pmf,tvm] [--steps=1500]
       [--batch_size=128] [--nfe=1,2,4] [--workdir_root=/tmp/few_step] [--nounguided]
 """
 import json
@@ -68,10 +69,11 @@ METHODS = {
     "imm": ("imm_digits", "IMM (pushforward, w = 1.5)", 2),
     "meanflow": ("meanflow_digits", "MeanFlow", 1),
     "imf": ("imf_digits", "iMF (omega = 3)", 1),
+    "pmf": ("pmf_digits", "pMF (omega = 3)", 1),
     "tvm": ("tvm_digits", "TVM (cfg 2)", 1),
 }
 UNGUIDED = {"fm": "FM (Euler, w = 1)", "imm": "IMM (pushforward, w = 1)",
-            "imf": "iMF (omega = 1)"}
+            "imf": "iMF (omega = 1)", "pmf": "pMF (omega = 1)"}
 
 flags.DEFINE_list("methods", list(METHODS), f"Methods: {', '.join(METHODS)}.")
 flags.DEFINE_integer("steps", 1500, "Training steps of every method.")

@@ -15,6 +15,9 @@ Every sampler and objective goes through these two functions; nothing else re-de
 Divisors that vanish at an endpoint (sigma for x at t = 0, alpha for eps at alpha = 0, Delta for
 u_k) can be clamped from below with `min_divisor` (JiT and k-Diff use 0.05).
 """
+import math
+
+import jax
 import jax.numpy as jnp
 
 PREDICTIONS = ("eps", "x", "v", "velocity", "score", "u_k")
@@ -117,6 +120,16 @@ def ddim(x_t, x, s, t, schedule):
   s, t = broadcast_time(s, x_t), broadcast_time(t, x_t)
   ratio = schedule.sigma(s) / schedule.sigma(t)
   return (schedule.alpha(s) - schedule.alpha(t) * ratio) * x + ratio * x_t
+
+
+def k_of_logit(w_k, scale: float = 1.0):
+  """k-Diff's k = sigmoid(scale·w_k) (Jin & Wang 2026): w_k is trained, k stays in (0, 1)."""
+  return jax.nn.sigmoid(scale * w_k)
+
+
+def logit_of_k(k: float, scale: float = 1.0) -> float:
+  """The w_k that gives k (k_of_logit's inverse): logit(k)/scale, k in (0, 1)."""
+  return math.log(k / (1.0 - k)) / scale
 
 
 def _check_k(k, x):

@@ -48,9 +48,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   # --- model: the denoiser network.
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dit"              # dit | imf_dit (objective imf) | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
-  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp; imf_dit: T | XS | B | M | L | XL
-  model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit: also 16 | 32; unet: 1 (no patches)
+  model.name = "dit"              # dit | imf_dit (objective imf) | pmf_dit (pixel MeanFlow) | jit (pixels) | unet (DDPM++, pixels) | mlp (flat inputs [B, data.channels], 2-D toys)
+  model.size = "S"                # dit: T | XS | S | B | L | XL (T, XS: tiny CPU sizes); jit: T | XS | B | L | H; unet: T | ddpmpp; imf_dit: T | XS | B | M | L | XL; pmf_dit: T | XS | B | L | H
+  model.patch_size = 2            # dit: 1 | 2 | 4 | 8; jit, pmf_dit: also 16 | 32; unet: 1 (no patches)
   model.mlp_ratio = 4.0
   model.second_time_embedder = False  # a second time input (IMM's s or t - s)
   model.time_scale = 1000.0       # the time embedder sees time_scale * t
@@ -70,10 +70,13 @@ def defaults() -> ml_collections.ConfigDict:
   model.modulation_norm = False   # each adaLN chunk divided by its RMS (TVM's do_mod_norm)
   model.guidance_embedder = False  # a learned embedding of the guidance input beta = 1/cfg (TVM)
   model.init = "xavier_uniform"   # xavier_uniform (DiT) | spectral (TVM: normal / largest singular value) | spectral_except_embedders (TVM's time_specinit false)
+  # pmf_dit: what its heads predict, turned into u = (z - x_hat)/clip(t, t_floor, 1) by the network
+  model.prediction = "x"          # x (pMF) | eps | velocity | u_k (k-Diff's k, from objective.kdiff.k_init / w_k_scale)
+  model.t_floor = 0.05            # the clip of t in the network's conversions (pMF's 0.05)
 
   # --- objective: what the network is trained to predict, and the loss.
   config.objective = objective = ml_collections.ConfigDict()
-  objective.name = "flow"         # flow | imm | kdiff | meanflow | imf | tvm, or a registered one
+  objective.name = "flow"         # flow | imm | kdiff | meanflow | imf | pmf | tvm, or a registered one
   objective.schedule = "rectified_flow"  # rectified_flow | cosine | vp
   objective.prediction = "velocity"  # eps | x | v | velocity | score
   objective.loss_target = "velocity"  # the space the L2 loss is taken in: eps | x | v | velocity

@@ -113,7 +113,9 @@ def init_net(config):
 class Weights:
   """The parameters {'net': ..., **the objective's extra params} of a config on a mesh."""
 
-  def __init__(self, config, mesh, model: Model | None = None):
+  def __init__(self, config, mesh, model: Model | None = None, feature_nets=None):
+    """feature_nets: kdiff_jax.perceptual where the loss will run (train_state.setup), for an
+    objective with perceptual terms (objectives.build); sampling and export need none."""
     self.config = config
     self.mesh = mesh
     model = model or build_model(config)
@@ -123,7 +125,7 @@ class Weights:
         return model.apply(*args, **kwargs)
 
     self.model = dataclasses.replace(model, apply=apply)
-    self.objective = objectives.build(config, self.model.apply)
+    self.objective = objectives.build(config, self.model.apply, feature_nets=feature_nets)
     self.abstract = {"net": self.model.abstract_net,
                      **jax.eval_shape(lambda: self.objective.extra_params)}
     logical = {"net": self.model.logical_net,

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kdiff_jax import checkpoint, config as config_lib, data, parallel, state as state_lib
+from kdiff_jax import checkpoint, config as config_lib, data, parallel, perceptual, state as state_lib
 
 # The step's metric that names the first parameter whose gradient is not finite (its index among
 # the leaves of params, -1 when all are finite): a diagnosis, not written to TensorBoard.
@@ -112,7 +112,7 @@ def setup(config, devices=None) -> Setup:
   """Validate the config, build mesh, model, objective, optimizer and the state's shardings."""
   config_lib.validate(config)
   mesh = parallel.make_mesh(config.mesh, devices)
-  weights = state_lib.Weights(config, mesh)
+  weights = state_lib.Weights(config, mesh, feature_nets=perceptual)
   parallel.check_batch(config.training.batch_size,
                        parallel.batch_sharding(mesh, config.mesh.rules),
                        field="training.batch_size", group_size=weights.objective.group_size)

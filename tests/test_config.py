@@ -134,7 +134,7 @@ CASES = [
     # --- sampling
     ("flow", {"sampling.method": "nope"}, r"sampling.method='nope': objective.name='flow' samples with one of \['euler'"),
     ("meanflow", {"sampling.method": "heun"}, r"sampling.method='heun': objective.name='meanflow' samples with one of \['mean_flow'\]"),
-    ("imf", {"sampling.guidance_scale": 9.0}, r"sampling.guidance_scale=9.0: iMF's network was trained on omega in \[1, 1 \+ objective.imf.s_max\] = \[1, 8.0\]"),
+    ("imf", {"sampling.guidance_scale": 9.0}, r"sampling.guidance_scale=9.0: the network was trained on omega in \[1, 1 \+ objective.imf.s_max\] = \[1, 8.0\]"),
     ("tvm", {"sampling.guidance_interval": (0.2, 1.0)}, r"sampling.guidance_interval=\(0.2, 1.0\): TVM's guidance is trained into every step"),
     ("imf", {"objective.imf.interval_split": 0.0}, r"objective.imf.interval_split=0.0: must be a finite number in \(0, 1\)"),
     ("tvm", {"objective.tvm.cfg_draw": "normal"}, r"objective.tvm.cfg_draw='normal': must be one of \['fixed', 'range', 'uniform'\]"),

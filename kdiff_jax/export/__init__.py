@@ -2,7 +2,7 @@
 
 JAX side (imports torch only to write .pt and read .pth):
   convert.py         Flax params <-> torch state_dict, every network's names and transposes (DiT,
-                     JiT, SongUNet, iMF's DiT; any network by its torch names), NumPy only
+                     JiT, SongUNet, iMF's and pMF's DiTs; any network by its torch names), NumPy only
   state_dicts.py     PyTorch weight files (.safetensors, .npz, .pth) read into NumPy
   weight_files.py    the SD-VAE's and FID Inception's released weights loaded into models/vae.py
                      and inception.py
@@ -16,6 +16,7 @@ Torch side (torch, numpy and safetensors; needs no JAX), one twin per network of
   torch_jit.py       the twin of models/jit.py (JiT)
   torch_unet.py      the twin of models/unet.py (SongUNet, EDM's names)
   torch_imf_dit.py   the twin of models/imf_dit.py (iMF's in-context DiT)
+  torch_pmf_dit.py   the twin of models/pmf_dit.py (pixel MeanFlow's DiT, which returns u and v)
   torch_sampling.py  the torch schedule, to_x_eps and every exported sampler (flow ODE, IMM,
                      MeanFlow, iMF, TVM), dispatched by the name the export gives
   torch_load.py      build / load an export's module from its JSON and .safetensors

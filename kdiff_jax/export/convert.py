@@ -14,8 +14,9 @@ Per network: DiT / JiT (`to_torch`, `from_torch`): torch's state_dict also holds
 sin-cos `pos_embed` [1, T, D] (DiT and JiT keep it as a frozen nn.Parameter; here it is the
 model's numpy constant `model.pos_embed()` [T, D]). SongUNet (`unet_to_torch`, `unet_from_torch`):
 EDM's persistent `resample_filter` buffers. iMF's DiT (`imf_dit_to_torch`): the condition tokens,
-attn_scale and mlp_scale keep their names. Any network from a torch state_dict by its names:
-`load`.
+attn_scale and mlp_scale keep their names; pMF's DiT is exported by the same function (its
+pos_embed and, for prediction 'u_k', w_k are the model's own parameters and keep their names).
+Any network from a torch state_dict by its names: `load`.
 A model with scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of shape [depth, ...]);
 `per_block` and `stacked` convert to and from the per-block layout (blocks/3/attn/qkv/kernel)
 that torch names, so both layouts give the same state_dict.
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from kdiff_jax.models import dit, imf_dit, jit, unet
+from kdiff_jax.models import dit, imf_dit, jit, pmf_dit, unet
 
 POS_EMBED = "pos_embed"
 FINAL_LINEAR = ("final_layer.linear.weight", "final_layer.linear.bias")
@@ -317,13 +318,24 @@ def _unet_spec(config) -> dict:
               time_scale=model.time_scale)
 
 
-def _imf_dit_spec(config) -> dict:
+def _in_context_dit_spec(config, depth, hidden_size, num_heads, head_depth) -> dict:
   model, data = config.model, config.data
-  depth, hidden_size, num_heads, head_depth = imf_dit.SIZES[model.size]
   return dict(input_size=data.image_size, patch_size=model.patch_size,
               in_channels=data.channels, hidden_size=hidden_size, depth=depth,
               num_heads=num_heads, head_depth=head_depth, mlp_ratio=model.mlp_ratio,
               num_classes=data.num_classes)
+
+
+def _imf_dit_spec(config) -> dict:
+  return _in_context_dit_spec(config, *imf_dit.SIZES[config.model.size])
+
+
+def _pmf_dit_spec(config) -> dict:
+  model = config.model
+  *sizes, bottleneck_dim = pmf_dit.SIZES[model.size]
+  return dict(_in_context_dit_spec(config, *sizes), bottleneck_dim=bottleneck_dim,
+              prediction=model.prediction, t_floor=model.t_floor,
+              w_k_scale=config.objective.kdiff.w_k_scale)
 
 
 def _abstract_net(config):
@@ -357,6 +369,7 @@ BACKBONES = {
     "unet": Backbone(_unet_spec, lambda config, net: unet_to_torch(net),
                      lambda config, sd, drop: unet_from_torch(sd, _build(config))[1]),
     "imf_dit": Backbone(_imf_dit_spec, lambda config, net: imf_dit_to_torch(net)),
+    "pmf_dit": Backbone(_pmf_dit_spec, lambda config, net: imf_dit_to_torch(net)),
 }
 
 

@@ -138,6 +138,10 @@ class ImfDiT(nn.Module):
     self.register_buffer("rope_cos", cos, persistent=False)
     self.register_buffer("rope_sin", sin, persistent=False)
 
+  def sequence(self, prefix, patches):
+    """The blocks' input: condition tokens, then patch tokens (torch_pmf_dit adds positions)."""
+    return torch.cat([prefix, patches], dim=1)
+
   def forward(self, x, t, y, s=None, guidance=None, interval=None, v_head: bool = False):
     del t  # only h = t - r conditions the network
     batch = x.shape[0]
@@ -153,8 +157,9 @@ class ImfDiT(nn.Module):
         "t_max_tokens": self.cfg_t_end_embedder(row(t_max, 1.0)),
         "time_tokens": self.h_embedder(row(s, 0.0)),
     }
-    prefix = [getattr(self, name)[None] + embeddings[name][:, None] for name, _ in TOKEN_GROUPS]
-    tokens = torch.cat(prefix + [self.x_embedder(x)], dim=1)
+    prefix = torch.cat([getattr(self, name)[None] + embeddings[name][:, None]
+                        for name, _ in TOKEN_GROUPS], dim=1)
+    tokens = self.sequence(prefix, self.x_embedder(x))
     for block in self.shared_blocks:
       tokens = block(tokens, self.rope_cos, self.rope_sin)
 

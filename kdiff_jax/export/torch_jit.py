@@ -16,12 +16,14 @@ from kdiff_jax.export.torch_layers import (Attention, LabelEmbedder, RMSNorm, Sw
 
 
 class BottleneckPatchEmbed(nn.Module):
-  """JiT: Conv2d p x p stride p to the bottleneck (no bias), then a 1 x 1 Conv2d to the width."""
+  """JiT: Conv2d p x p stride p to the bottleneck (no bias; pMF's has one: proj1_bias=True), then
+  a 1 x 1 Conv2d to the width."""
 
-  def __init__(self, patch_size: int, in_channels: int, bottleneck_dim: int, hidden_size: int):
+  def __init__(self, patch_size: int, in_channels: int, bottleneck_dim: int, hidden_size: int,
+               proj1_bias: bool = False):
     super().__init__()
     self.proj1 = nn.Conv2d(in_channels, bottleneck_dim, patch_size, stride=patch_size,
-                           bias=False)
+                           bias=proj1_bias)
     self.proj2 = nn.Conv2d(bottleneck_dim, hidden_size, 1)
 
   def forward(self, x):

@@ -13,14 +13,15 @@ from torch import nn
 from kdiff_jax.export.torch_dit import DiT
 from kdiff_jax.export.torch_imf_dit import ImfDiT
 from kdiff_jax.export.torch_jit import JiT
+from kdiff_jax.export.torch_pmf_dit import PmfDiT
 from kdiff_jax.export.torch_unet import SongUNet
 
 
-ARCHITECTURES = {"dit": DiT, "imf_dit": ImfDiT, "jit": JiT, "unet": SongUNet}
+ARCHITECTURES = {"dit": DiT, "imf_dit": ImfDiT, "jit": JiT, "pmf_dit": PmfDiT, "unet": SongUNet}
 
 
 def build(model_meta: dict) -> nn.Module:
-  """The module of an export's meta['model'] ({'name': 'dit' | 'imf_dit' | 'jit' | 'unet',
+  """The module of an export's meta['model'] ({'name': one of ARCHITECTURES,
   **constructor kwargs})."""
   kwargs = dict(model_meta)
   name = kwargs.pop("name")

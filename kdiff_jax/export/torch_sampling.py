@@ -79,7 +79,9 @@ class Schedule:
 
 def to_x_eps(prediction: str, output, x_t, t: float, schedule: Schedule, *, k=None,
              noise_std: float = 1.0, min_divisor: float = 0.0):
-  """(x_hat, n_hat) from a network output in `prediction` (kdiff_jax.parameterization.to_x_eps).
+  """(x_hat, n_hat) from a network output in `prediction` (kdiff_jax.parameterization.to_x_eps);
+  t a host float, or on rectified_flow a tensor that broadcasts against x_t (pMF's per-example
+  conversion, torch_pmf_dit.py).
 
   eps: x = (x_t - sigma·eps)/alpha.  x: n = (x_t - alpha·x)/sigma.
   v: x = (alpha·x_t - sigma·v)/(alpha² + sigma²),  n = (sigma·x_t + alpha·v)/(alpha² + sigma²).
@@ -91,7 +93,8 @@ def to_x_eps(prediction: str, output, x_t, t: float, schedule: Schedule, *, k=No
   Divisors that vanish at an end are clamped from below by min_divisor (if > 0).
   """
   alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-  clamp = lambda d: max(d, min_divisor) if min_divisor else d
+  clamp = lambda d: (d.clamp(min=min_divisor) if torch.is_tensor(d) else max(d, min_divisor)
+                     ) if min_divisor else d
   if prediction in ("eps", "score"):
     n_hat = output if prediction == "eps" else -sigma * noise_std**2 * output
     return (x_t - sigma * n_hat) / clamp(alpha), n_hat

@@ -3,7 +3,7 @@ validate the model section against each network's own tables of sizes and patche
 import jax.numpy as jnp
 from flax import nnx
 
-from kdiff_jax.models import dit, imf_dit, jit, layers, mlp, unet
+from kdiff_jax.models import dit, imf_dit, jit, layers, mlp, pmf_dit, unet
 from kdiff_jax.models.dit import DiT
 from kdiff_jax.models.jit import JiT
 from kdiff_jax.models.mlp import MLP
@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "mlp": (None, None, mlp.mlp_from_config),
     "unet": (unet.SIZES, (1,), unet.unet_from_config),
     "imf_dit": (imf_dit.SIZES, imf_dit.PATCH_SIZES, imf_dit.imf_dit_from_config),
+    "pmf_dit": (pmf_dit.SIZES, pmf_dit.PATCH_SIZES, pmf_dit.pmf_dit_from_config),
 }
 MODELS = tuple(ARCHITECTURES)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,6 +45,8 @@ RULES = {
     "model.modulation_norm": boolean(),
     "model.guidance_embedder": boolean(),
     "model.init": one_of(*dit.INITS),
+    "model.prediction": one_of(*pmf_dit.PREDICTIONS),
+    "model.t_floor": number(0, 1, low_open=True),
 }
 
 
@@ -65,6 +68,7 @@ def check(config) -> None:
                      "points: use model.name='mlp'")
   check_attention(config)
   check_dit_options(config)
+  check_pmf_options(config)
   sizes, patch_sizes, _ = ARCHITECTURES[model.name]
   if sizes is None:
     return
@@ -84,6 +88,8 @@ def check(config) -> None:
                      "set model.second_time_embedder=False")
   if model.name == "imf_dit":
     imf_dit.check(config)
+  if model.name == "pmf_dit":
+    pmf_dit.check(config)
 
 
 def check_attention(config) -> None:
@@ -124,6 +130,22 @@ def check_dit_options(config) -> None:
   if model.num_heads and hidden_size and hidden_size % model.num_heads:
     raise ValueError(f"model.num_heads={model.num_heads} must divide the hidden size "
                      f"{hidden_size} of model.size={model.size!r}")
+
+
+# pMF's fields (models/pmf_dit.py) with their defaults: another network refuses a change.
+PMF_OPTIONS = {"model.prediction": "x", "model.t_floor": pmf_dit.T_FLOOR}
+
+
+def check_pmf_options(config) -> None:
+  """model.prediction and model.t_floor belong to model.name='pmf_dit' (its own conversion)."""
+  if config.model.name == "pmf_dit":
+    return
+  for path, default in PMF_OPTIONS.items():
+    value = config.model[path.split(".")[1]]
+    if value != default:
+      raise ValueError(f"{path}={value!r}: only model.name='pmf_dit' has this option (leave it "
+                       f"at {default!r} for model.name={config.model.name!r}; the prediction of "
+                       "other networks is objective.prediction)")
 
 
 def build(config, rngs: nnx.Rngs) -> nnx.Module:

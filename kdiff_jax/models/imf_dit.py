@@ -43,7 +43,7 @@ from einops import rearrange
 from flax import nnx
 
 from kdiff_jax import parallel
-from kdiff_jax.models import dit, layers
+from kdiff_jax.models import dit, jit, layers
 
 # name -> (depth = shared + one head, hidden_size, num_heads, head_depth). B, M, L, XL are the
 # official imfDiT_{B,M,L,XL}_2; T and XS are tiny CPU sizes.
@@ -194,12 +194,18 @@ def _per_row(value, batch: int, default: float):
 
 class ImfDiT(nnx.Module):
   """iMF's DiT: [B, H, W, C] x, [B] labels (num_classes = null), h = t - r, guidance ω and its
-  interval as inputs -> u [B, H, W, C] float32 (and v with v_head=True)."""
+  interval as inputs -> u [B, H, W, C] float32 (and v with v_head=True).
+
+  bottleneck_dim > 0 embeds the patches with JiT's bottleneck (conv p x p to bottleneck_dim, then
+  1 x 1 to the width, both with biases: pixel MeanFlow's, models/pmf_dit.py); 0, a linear patch
+  embedding (iMF's). Subclasses change the sequence (`sequence`) and positions (`rope`).
+  """
 
   def __init__(self, *, input_size: int, in_channels: int, patch_size: int, hidden_size: int,
                depth: int, num_heads: int, head_depth: int, mlp_ratio: float = 4.0,
-               num_classes: int, token_groups=TOKEN_GROUPS, dtype=jnp.float32,
-               remat: str = "none", scan_blocks: bool = False, rngs: nnx.Rngs):
+               num_classes: int, token_groups=TOKEN_GROUPS, bottleneck_dim: int = 0,
+               dtype=jnp.float32, remat: str = "none", scan_blocks: bool = False,
+               rngs: nnx.Rngs):
     if not 0 < head_depth < depth:
       raise ValueError(f"head_depth={head_depth} must be in [1, depth - 1] (depth={depth})")
     dit.set_backbone_attributes(self, input_size=input_size, in_channels=in_channels,
@@ -210,8 +216,13 @@ class ImfDiT(nnx.Module):
     self.token_groups = tuple((name, int(count)) for name, count in token_groups)
     self.num_prefix_tokens = sum(count for _, count in self.token_groups)
 
-    self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
-                                        rngs=rngs)
+    if bottleneck_dim:
+      self.x_embedder = jit.BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim,
+                                                 hidden_size, proj1_bias=True, dtype=dtype,
+                                                 rngs=rngs)
+    else:
+      self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype,
+                                          rngs=rngs)
     self.h_embedder = TimestepEmbedder(hidden_size, rngs=rngs)
     self.omega_embedder = TimestepEmbedder(hidden_size, rngs=rngs)
     self.cfg_t_start_embedder = TimestepEmbedder(hidden_size, rngs=rngs)
@@ -246,6 +257,10 @@ class ImfDiT(nnx.Module):
     return jnp.concatenate([getattr(self, name)[...][None] + embeddings[name][:, None]
                             for name, _ in self.token_groups], axis=1)
 
+  def sequence(self, prefix, patches):
+    """The blocks' input [B, num_prefix_tokens + T, D]: condition tokens, then patch tokens."""
+    return jnp.concatenate([prefix, patches], axis=1)
+
   def __call__(self, x, t, y, s=None, guidance=None, interval=None, v_head: bool = False,
                u_head: bool = True):
     """u(x, h = s, ω = guidance, [t_min, t_max] = interval, y); t is accepted and not used.
@@ -263,8 +278,7 @@ class ImfDiT(nnx.Module):
     prefix = self.condition_tokens(
         y, _per_row(s, batch, 0.0), _per_row(guidance, batch, 1.0),
         _per_row(t_min, batch, 0.0), _per_row(t_max, batch, 1.0))
-    tokens = jnp.concatenate([prefix.astype(self.dtype), self.x_embedder(x.astype(self.dtype))],
-                             axis=1)
+    tokens = self.sequence(prefix.astype(self.dtype), self.x_embedder(x.astype(self.dtype)))
     tokens = parallel.constrain_batch(tokens)
     rope = self.rope()
     remat = dict(policy=self._remat_policy, use_remat=self._use_remat)
@@ -282,15 +296,16 @@ class ImfDiT(nnx.Module):
 
 
 def check(config) -> None:
-  """model.name='imf_dit' (iMF's network: objectives/imf.py asks for it) reads h = t - r as its
-  second time input, and embeds the raw scalars (model.time_scale = 1, as the official code)."""
+  """model.name='imf_dit' (iMF's network: objectives/imf.py asks for it) and 'pmf_dit' (its pixel
+  sibling) read h = t - r as their second time input, and embed the raw scalars
+  (model.time_scale = 1, as the official code)."""
   model = config.model
   if not model.second_time_embedder:
-    raise ValueError("model.name='imf_dit' reads h = t - r as its second time input: set "
+    raise ValueError(f"model.name={model.name!r} reads h = t - r as its second time input: set "
                      "model.second_time_embedder=True")
   if model.time_scale != 1.0:
-    raise ValueError(f"model.time_scale={model.time_scale}: model.name='imf_dit' embeds the raw "
-                     "h, 1 - 1/omega and interval in [0, 1]: set model.time_scale=1.0")
+    raise ValueError(f"model.time_scale={model.time_scale}: model.name={model.name!r} embeds the "
+                     "raw h, 1 - 1/omega and interval in [0, 1]: set model.time_scale=1.0")
 
 
 def imf_dit_from_config(config, dtype, rngs: nnx.Rngs) -> ImfDiT:

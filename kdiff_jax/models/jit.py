@@ -40,20 +40,21 @@ PATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 class BottleneckPatchEmbed(nnx.Module):
-  """proj2(proj1(x)): conv p x p stride p, C -> bottleneck, no bias; 1 x 1 conv bottleneck -> D.
+  """proj2(proj1(x)): conv p x p stride p, C -> bottleneck (JiT: no bias; pMF's
+  BottleneckPatchEmbedder: proj1_bias=True); 1 x 1 conv bottleneck -> D, with a bias.
 
-  Both kernels xavier_uniform on torch's flattened [out, in·k·k] view, proj2's bias zero (JiT's
-  initialize_weights). Returns [B, h·w, D] row-major tokens.
+  Both kernels xavier_uniform on torch's flattened [out, in·k·k] view, biases zero (JiT's
+  initialize_weights; pMF's models/embedder.py alike). Returns [B, h·w, D] row-major tokens.
   """
 
   def __init__(self, patch_size: int, in_channels: int, bottleneck_dim: int, hidden_size: int, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype=jnp.float32, proj1_bias: bool = False):
     self.proj1 = nnx.Conv(
         in_channels, bottleneck_dim, kernel_size=(patch_size, patch_size),
-        strides=(patch_size, patch_size), padding="VALID", use_bias=False, dtype=dtype,
+        strides=(patch_size, patch_size), padding="VALID", use_bias=proj1_bias, dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=layers.partitioned(layers.conv_xavier_uniform, (None, None, None, None)),
-        rngs=rngs)
+        bias_init=layers.partitioned(layers.zeros, (None,)), rngs=rngs)
     self.proj2 = nnx.Conv(
         bottleneck_dim, hidden_size, kernel_size=(1, 1), use_bias=True, dtype=dtype,
         param_dtype=jnp.float32,

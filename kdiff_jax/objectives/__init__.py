@@ -4,8 +4,8 @@
   loss, metrics = objective.loss(params, batch, rng)
 
 A method is one module (or any object with these names), registered with
-`objectives.register(name, method)`; the package registers flow, kdiff, imm, meanflow, imf and
-tvm, and anyone may register another from outside:
+`objectives.register(name, method)`; the package registers flow, kdiff, imm, meanflow, imf,
+pmf and tvm, and anyone may register another from outside:
 
   defaults()        optional: a ConfigDict, the fields of its config section objective.<name>
                     (gathered into schema.defaults() by `sections`)
@@ -15,6 +15,8 @@ tvm, and anyone may register another from outside:
   build(config, apply_fn)  dict(loss=..., description=..., and Objective's other fields)
   JVP               optional, True: the loss differentiates the network with jax.jvp, so the
                     network's attention must be model.attention='xla' (cuDNN's has no JVP rule)
+  FEATURE_NETS      optional, True: build(config, apply_fn, feature_nets) also gets the module
+                    of frozen feature nets (kdiff_jax.perceptual; pMF's perceptual terms)
   upgrade(saved)    optional: an older spelling of its config (a checkpoint's JSON dict)
                     rewritten to today's (`upgrade`)
 
@@ -29,7 +31,7 @@ the export's JSON says about it, and the name of its PyTorch sampler. The packag
                     velocity, score, or u_k with k-Diff's k(params, t)) on a schedule
   imm.OneStepMap    IMM: f_{s,t}(x_t) = c_skip·x_t + c_out·G(c_in·x_t, t, s) on a schedule
   meanflow.AverageVelocity  MeanFlow: u(z_t, r, t), one step z_r = z_t - (t - r)·u
-  imf.GuidedAverageVelocity  iMF: the same with guidance ω and its interval as network inputs
+  imf.GuidedAverageVelocity  iMF and pMF: the same with guidance ω and its interval as network inputs
   tvm.TerminalVelocity  TVM: f_{s,t}(x) = x + (s - t)·a·F(x, t, t - s, y, beta = 1/cfg)
 
 An objective with a `teacher_decay` (TVM) trains against a teacher, an EMA of the online weights
@@ -46,7 +48,7 @@ import dataclasses
 from typing import Any, Callable, Protocol
 
 from kdiff_jax import parameterization, schedules
-from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, tvm
+from kdiff_jax.objectives import flow, imf, imm, kdiff, meanflow, pmf, tvm
 from kdiff_jax.rules import number, one_of
 
 
@@ -166,10 +168,16 @@ def describe(config) -> Description:
   return module(config).describe(config)
 
 
-def build(config, apply_fn) -> Objective:
-  return Objective(**module(config).build(config, apply_fn))
+def build(config, apply_fn, feature_nets=None) -> Objective:
+  """The objective of config. feature_nets: the module of frozen feature networks
+  (kdiff_jax.perceptual), handed to the build of a method with FEATURE_NETS (pMF's perceptual
+  terms); objectives never import it, as it reaches the models."""
+  method = module(config)
+  if getattr(method, "FEATURE_NETS", False):
+    return Objective(**method.build(config, apply_fn, feature_nets))
+  return Objective(**method.build(config, apply_fn))
 
 
 for _name, _method in (("flow", flow), ("imm", imm), ("kdiff", kdiff), ("meanflow", meanflow),
-                       ("imf", imf), ("tvm", tvm)):
+                       ("imf", imf), ("pmf", pmf), ("tvm", tvm)):
   register(_name, _method)

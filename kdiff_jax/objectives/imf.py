@@ -155,20 +155,14 @@ def _sum_over_elements(a):
   return jnp.sum(a, axis=tuple(range(1, a.ndim)))
 
 
-def make_example_losses(config, apply_fn):
-  """example_losses(net_params, x, labels, draws) -> {'loss', 'error_u', 'error_v'}: [B], and
-  'compound' (V) and 'guided' (v_g), each x's shape.
-
-  loss: w(L_u) + w(L_v) (w(L_u) alone without the v head); error_u: L_u = Σ (V - v_g)²;
-  error_v: L_v = Σ (v_head - v_g)² (zeros without the v head). x: [B, ...] data, labels: [B]
-  the true labels (v_c's), draws: `Draws`.
+def make_step(config, apply_fn, options, aux):
+  """step(net_params, z, v, labels, draws) -> (u, V, v_head, sg(v_g)), each z's shape: the
+  guidance target and the compound function on z = z_t with the instantaneous velocity v (the
+  official full-batch step where options.full_batch_jvp, else the cheaper one). options: the
+  method's section (share_r_equals_t, full_batch_jvp; iMF's or pMF's), aux: the v head is used.
   """
-  cfg = config.objective
-  options = cfg.imf
-  aux = options.aux_v_head
   null_label = config.data.num_classes
   share = options.share_r_equals_t
-  weight = lambda error: meanflow.adaptive_weighting(error, options.adaptive_p, options.adaptive_c)
   time = lambda a, like: parameterization.broadcast_time(a, like)
 
   def network(net_params, z, t, r, labels, omega, t_min, t_max):
@@ -199,11 +193,11 @@ def make_example_losses(config, apply_fn):
     return jnp.where(time(dropped, v), v, v_g)
 
   def compound(net_params, z, t, r, labels, omega, t_min, t_max, v_c):
-    """(V = u + (t - r)·sg(du/dt), the v head), du/dt by jax.jvp along (v_c, 1, 0)."""
+    """(u, V = u + (t - r)·sg(du/dt), the v head), du/dt by jax.jvp along (v_c, 1, 0)."""
     fn = lambda z_, t_, r_: network(net_params, z_, t_, r_, labels, omega, t_min, t_max)
     u, du_dt, v_head = jax.jvp(fn, (z, t, r), (v_c, jnp.ones_like(t), jnp.zeros_like(r)),
                                has_aux=True)
-    return u + time(t - r, u) * jax.lax.stop_gradient(du_dt), v_head
+    return u, u + time(t - r, u) * jax.lax.stop_gradient(du_dt), v_head
 
   def window(omega, t, t_min, t_max):
     return jnp.where((t >= t_min) & (t <= t_max), omega, 1.0)
@@ -218,8 +212,9 @@ def make_example_losses(config, apply_fn):
     v_g = v + time(1.0 - 1.0 / omega_w, v) * (v_c - v_u)
     v_g = jnp.where(time(equal, v), v_g_equal, v_g)
     v_g = jnp.where(time(d.dropped, v), v, v_g)
-    big_v, v_head = compound(net_params, z, d.t, d.r, d.labels, d.omega, d.t_min, d.t_max, v_c)
-    return big_v, v_head, jax.lax.stop_gradient(v_g)
+    u, big_v, v_head = compound(net_params, z, d.t, d.r, d.labels, d.omega, d.t_min, d.t_max,
+                                v_c)
+    return u, big_v, v_head, jax.lax.stop_gradient(v_g)
 
   def split(net_params, z, v, y, d: Draws):
     """Ours: no JVP on the r = t rows, whose kept-label forward gives their own v_c."""
@@ -233,29 +228,46 @@ def make_example_losses(config, apply_fn):
       u_e, head_e = network(net_params, z_e, t_e, t_e, in_e, w_e, lo_e, hi_e)
       v_u_e = velocity(net_params, z_e, t_e, jnp.full_like(y_e, null_label), jnp.ones_like(w_e))
       v_g_e = guided(v_e, jax.lax.stop_gradient(head_e), v_u_e, w_e, drop_e)
-      outputs.append((u_e, head_e, jax.lax.stop_gradient(v_g_e)))
+      outputs.append((u_e, u_e, head_e, jax.lax.stop_gradient(v_g_e)))
     if t_n.size:
       omega_w = window(w_n, t_n, lo_n, hi_n)
       v_c, v_u = conditional_and_null(net_params, z_n, t_n, y_n, omega_w)
       v_g_n = guided(v_n, v_c, v_u, omega_w, drop_n)
-      big_v, head_n = compound(net_params, z_n, t_n, r_n, in_n, w_n, lo_n, hi_n, v_c)
-      outputs.append((big_v, head_n, jax.lax.stop_gradient(v_g_n)))
+      u_n, big_v, head_n = compound(net_params, z_n, t_n, r_n, in_n, w_n, lo_n, hi_n, v_c)
+      outputs.append((u_n, big_v, head_n, jax.lax.stop_gradient(v_g_n)))
     if len(outputs) == 1:
       return outputs[0]
     return tuple(meanflow.merge_rows(a, b, share) for a, b in zip(*outputs))
 
-  step = full_batch if options.full_batch_jvp else split
+  return full_batch if options.full_batch_jvp else split
+
+
+def velocity_losses(big_v, v_head, v_g, options, aux):
+  """{'loss': w(L_u) + w(L_v) (w(L_u) alone without the v head), 'error_u': L_u = Σ (V - v_g)²,
+  'error_v': L_v = Σ (v_head - v_g)² (zeros without it), 'compound': V, 'guided': v_g}, with
+  w = meanflow.adaptive_weighting at options.adaptive_p, adaptive_c."""
+  weight = lambda error: meanflow.adaptive_weighting(error, options.adaptive_p, options.adaptive_c)
+  error_u = _sum_over_elements(jnp.square(big_v - v_g))
+  error_v = _sum_over_elements(jnp.square(v_head - v_g)) if aux else jnp.zeros_like(error_u)
+  loss = weight(error_u) + (weight(error_v) if aux else 0.0)
+  return {"loss": loss, "error_u": error_u, "error_v": error_v, "compound": big_v, "guided": v_g}
+
+
+def make_example_losses(config, apply_fn):
+  """example_losses(net_params, x, labels, draws) -> {'loss', 'error_u', 'error_v'}: [B], and
+  'compound' (V) and 'guided' (v_g), each x's shape (`velocity_losses`). x: [B, ...] data,
+  labels: [B] the true labels (v_c's), draws: `Draws`; the velocity v = e - x.
+  """
+  cfg = config.objective
+  options = cfg.imf
+  step = make_step(config, apply_fn, options, options.aux_v_head)
 
   def example_losses(net_params, x, labels, draws: Draws):
     schedule = schedules.get(cfg.schedule)
     z = parameterization.interpolate(x, draws.noise, draws.t, schedule)
     v = parameterization.from_x_eps("velocity", x, draws.noise, draws.t, schedule)  # e - x
-    big_v, v_head, v_g = step(net_params, z, v, labels, draws)
-    error_u = _sum_over_elements(jnp.square(big_v - v_g))
-    error_v = _sum_over_elements(jnp.square(v_head - v_g)) if aux else jnp.zeros_like(error_u)
-    loss = weight(error_u) + (weight(error_v) if aux else 0.0)
-    return {"loss": loss, "error_u": error_u, "error_v": error_v, "compound": big_v,
-            "guided": v_g}
+    _, big_v, v_head, v_g = step(net_params, z, v, labels, draws)
+    return velocity_losses(big_v, v_head, v_g, options, options.aux_v_head)
 
   return example_losses
 
@@ -264,10 +276,13 @@ def make_example_losses(config, apply_fn):
 class GuidedAverageVelocity(meanflow.AverageVelocity):
   """MeanFlow's average velocity u(z, h = t - r, ω, [t_min, t_max], y) whose guidance ω and
   interval are network inputs, taken from sampling.guidance_scale and guidance_interval (one
-  pass per step). The network saw ω in [1, 1 + s_max] and intervals with t_min <= split <= t_max."""
+  pass per step). The network saw ω in [1, 1 + s_max] and intervals with t_min <= split <= t_max;
+  `section` names the objective whose fields these are (objective.imf, or objective.pmf: pMF's
+  network converts its x-predictions to u itself, so it is sampled the same way)."""
 
   s_max: float = 7.0
   interval_split: float = 0.5
+  section: str = "imf"
   torch_sampler: ClassVar[str] = "imf"   # export/torch_sampling.sample_imf
 
   def conditioning(self, config) -> dict:
@@ -276,16 +291,16 @@ class GuidedAverageVelocity(meanflow.AverageVelocity):
 
   def check_sampling(self, config) -> None:
     """ω and the interval within what the network was trained on."""
-    top, split = 1.0 + self.s_max, self.interval_split
+    top, split, section = 1.0 + self.s_max, self.interval_split, self.section
     scale = config.sampling.guidance_scale
     if not 1.0 <= scale <= top:
-      raise ValueError(f"sampling.guidance_scale={scale}: iMF's network was trained on omega in "
-                       f"[1, 1 + objective.imf.s_max] = [1, {top}]")
+      raise ValueError(f"sampling.guidance_scale={scale}: the network was trained on omega in "
+                       f"[1, 1 + objective.{section}.s_max] = [1, {top}]")
     low, high = tuple(config.sampling.guidance_interval)
     if not (0.0 <= low <= split <= high <= 1.0):
-      raise ValueError(f"sampling.guidance_interval={(low, high)}: iMF's network was trained on "
+      raise ValueError(f"sampling.guidance_interval={(low, high)}: the network was trained on "
                        f"t_min in [0, {split}] and t_max in [{split}, 1] "
-                       "(objective.imf.interval_split)")
+                       f"(objective.{section}.interval_split)")
 
 
 def check(config) -> None:

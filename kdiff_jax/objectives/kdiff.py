@@ -32,14 +32,13 @@ and the EMA tracks it. The trained network is a flow.Denoiser with prediction 'u
 read from the parameters being sampled (the EMA ones), k(params, t).
 """
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdiff_jax import schedules
+from kdiff_jax import parameterization, schedules
 from kdiff_jax.objectives import flow
 from kdiff_jax.rules import boolean, number
 
@@ -68,17 +67,17 @@ def k_of(params, t, kdiff_config):
   """k (a scalar) or k(t) ([B], time_dependent) from params['w_k']; the fixed k_init if frozen."""
   if not kdiff_config.learnable:
     return jnp.float32(kdiff_config.k_init)
-  logit = kdiff_config.w_k_scale * params["w_k"]
   if kdiff_config.time_dependent:
+    logit = kdiff_config.w_k_scale * params["w_k"]
     return jax.nn.sigmoid((1.0 - t) * logit[0] + t * logit[1])
-  return jax.nn.sigmoid(logit)
+  return parameterization.k_of_logit(params["w_k"], kdiff_config.w_k_scale)
 
 
 def initial_params(kdiff_config):
   """{'w_k': logit(k_init)/w_k_scale} (shape [] or [2] for k(t)); {} when k is frozen."""
   if not kdiff_config.learnable:
     return {}
-  w_k = math.log(kdiff_config.k_init / (1.0 - kdiff_config.k_init)) / kdiff_config.w_k_scale
+  w_k = parameterization.logit_of_k(kdiff_config.k_init, kdiff_config.w_k_scale)
   shape = (2,) if kdiff_config.time_dependent else ()
   return {"w_k": jnp.full(shape, w_k, jnp.float32)}
 

@@ -355,13 +355,16 @@ def describe(config) -> AverageVelocity:
 
 def objective(config, draw_fn, example_losses, metrics, description):
   """The objective's parts (objectives.Objective) from a method's draws and per-example losses:
-  loss(params, batch, rng) = (batch mean of 'loss', {'loss' and the batch mean of each of
-  `metrics`}); the description; the row layout's group size. Shared by MeanFlow and iMF."""
+  loss(params, batch, rng, **inputs) = (batch mean of 'loss', {'loss' and the batch mean of each
+  of `metrics`}), the keyword inputs the trainer hands over (pMF's frozen feature networks)
+  passed on to example_losses; the description; the row layout's group size. Shared by
+  MeanFlow, iMF and pMF."""
 
-  def loss(params, batch, rng):
+  def loss(params, batch, rng, **inputs):
     x, labels = batch["image"], batch["label"]
     draws = draw_fn(rng, x, labels, config)
-    losses = example_losses(params["net"], x, labels, draws, **flow.dropout_kwargs(rng, config))
+    losses = example_losses(params["net"], x, labels, draws, **flow.dropout_kwargs(rng, config),
+                            **inputs)
     value = jnp.mean(losses["loss"])
     return value, {"loss": value, **{name: jnp.mean(losses[name]) for name in metrics}}
 
