@@ -18,8 +18,8 @@ console instead.
 * every --config.<field> must name a field of the schema (schema.check_field_names: the known
   fields and the closest match);
 * without --config, the mode's own config (modes.config_source): --mode=sample/eval/export take
-  the one saved in --workdir's checkpoint, --mode=import the one a released IMM or TVM pickle
-  carries.
+  the one saved in --workdir's checkpoint (--mode=train too where it has one), --mode=import the
+  one a released IMM or TVM pickle or iMF checkpoint carries.
 """
 import os
 import sys
@@ -43,15 +43,19 @@ flags.DEFINE_enum("mode", "train", list(modes.MODES),
 flags.DEFINE_list("allow_config_change", [], "Fields a resumed run may change although they alter "
                   "the checkpoint's meaning (e.g. training.batch_size,seed).")
 flags.DEFINE_string("import_from", "", "--mode=import: a lumalabs/imm or lumalabs/tvm pickle "
-                    "(.pkl / .pt of {'ema': IMMPrecond} or {'ema' | 'net': TVMWrapper}; no "
-                    "--config needed) or a DiT / JiT / IMMPrecond state_dict (.pt, .safetensors) to write "
-                    "as the step-0 checkpoint of --workdir.")
+                    "(.pkl / .pt of {'ema': IMMPrecond} or {'ema' | 'net': TVMWrapper}) or a "
+                    "Lyy-iiis/imeanflow flax checkpoint (checkpoint_<step>, or its directory); no "
+                    "--config needed for these; or a DiT / JiT / IMMPrecond state_dict (.pt, "
+                    ".safetensors) to write as the step-0 checkpoint of --workdir.")
 flags.DEFINE_bool("drop_learned_sigma", False, "--mode=import of a learn_sigma=True DiT: keep the "
                   "first C output channels (the ε mean).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes "
                     "off TPU (or set JAX_COORDINATOR_ADDRESS); TPU pods need nothing.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", -1, "This process's id (or JAX_PROCESS_ID).")
+
+
+FROM_CONFIG_FILE = [True]   # False where parse_flags took the mode's own config (no --config)
 
 
 def fail(error: BaseException, *, verbose: bool, code: int = 2):
@@ -84,6 +88,7 @@ def parse_flags(argv):
               if early.config is None else None)
     if source is not None:
       config_flags.DEFINE_config_dict("config", source[0], source[1], lock_config=True)
+      FROM_CONFIG_FILE[:] = [False]
     else:
       if early.config is not None:
         file = early.config.split(":", 1)[0]
@@ -121,7 +126,9 @@ def main(argv):
     if not verbose and FLAGS.mode != "encode_latents":
       workdir.divert_library_output()
     modes.MODES[FLAGS.mode](
-        FLAGS.config, FLAGS.workdir, config_file=config_flags.get_config_filename(FLAGS["config"]),
+        FLAGS.config, FLAGS.workdir,
+        config_file=(config_flags.get_config_filename(FLAGS["config"]) if FROM_CONFIG_FILE[0]
+                     else ""),
         allow_config_change=FLAGS.allow_config_change, import_from=FLAGS.import_from,
         drop_learned_sigma=FLAGS.drop_learned_sigma)
   except actions.NonFiniteLossError as error:

@@ -5,11 +5,13 @@
   sample          generation.generate: samples of the checkpoint in the workdir
   eval            evaluate.evaluate: FID / IS / precision-recall of the checkpoint
   export          export.checkpoints.export_checkpoint: PyTorch files of the checkpoint
-  import          --import_from (a DiT / JiT state_dict, or a released IMM or TVM pickle) as step 0
+  import          --import_from (a DiT / JiT state_dict, a released IMM or TVM pickle, or an
+                  iMF flax checkpoint) as step 0
   encode_latents  encoding.encode_tfds: data.tfds_name through the VAE into data.latents_path
 
 `config_source` says where a mode's config comes from when --config is not given: the run's own
-(its newest checkpoint) for sample, eval and export, the imported file's for import.
+(its newest checkpoint) for sample, eval and export, and for train where the workdir has one,
+the imported file's for import.
 """
 from kdiff_jax import console
 
@@ -29,6 +31,12 @@ def config_source(mode: str, workdir, import_from: str):
   if mode in AFTER_TRAINING and workdir:
     from kdiff_jax import checkpoint
     return checkpoint.load_config(workdir), "The run's own config (from --workdir)."
+  if mode == "train" and workdir:   # resuming (e.g. an imported release) with no --config
+    from kdiff_jax import checkpoint
+    try:
+      return checkpoint.load_config(workdir), "The run's own config (resuming --workdir)."
+    except FileNotFoundError:
+      return None
   if mode == "import" and import_from:
     from kdiff_jax.export import pretrained
     _IMPORTED[import_from] = pretrained.read(import_from)

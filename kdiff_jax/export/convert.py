@@ -13,10 +13,10 @@ transpose:
 Per network: DiT / JiT (`to_torch`, `from_torch`): torch's state_dict also holds the fixed
 sin-cos `pos_embed` [1, T, D] (DiT and JiT keep it as a frozen nn.Parameter; here it is the
 model's numpy constant `model.pos_embed()` [T, D]). SongUNet (`unet_to_torch`, `unet_from_torch`):
-EDM's persistent `resample_filter` buffers. iMF's DiT (`imf_dit_to_torch`): the condition tokens,
-attn_scale and mlp_scale keep their names; pMF's DiT is exported by the same function (its
-pos_embed and, for prediction 'u_k', w_k are the model's own parameters and keep their names).
-Any network from a torch state_dict by its names: `load`.
+EDM's persistent `resample_filter` buffers. iMF's DiT (`imf_dit_to_torch`,
+`imf_dit_from_torch`): the condition tokens, attn_scale and mlp_scale keep their names; pMF's DiT
+is exported by the same function (its pos_embed and, for prediction 'u_k', w_k are the model's
+own parameters and keep their names). Any network from a torch state_dict by its names: `load`.
 A model with scan_blocks holds its blocks stacked (blocks/attn/qkv/kernel of shape [depth, ...]);
 `per_block` and `stacked` convert to and from the per-block layout (blocks/3/attn/qkv/kernel)
 that torch names, so both layouts give the same state_dict.
@@ -151,8 +151,7 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
   """
   state = {name: np.asarray(value) for name, value in state_dict.items()}
   if _is_stacked(abstract_net.get("blocks")):
-    one_block = lambda leaf, i: types.SimpleNamespace(shape=leaf.shape[1:])  # shapes only
-    return stacked(from_torch(state, per_block(abstract_net, take=one_block), pos_embed,
+    return stacked(from_torch(state, per_block(abstract_net, take=_one_block), pos_embed,
                               drop_learned_sigma=drop_learned_sigma))
   abstract = traverse_util.flatten_dict(abstract_net)
   names = {torch_name(path): path for path in abstract}
@@ -184,10 +183,21 @@ def from_torch(state_dict, abstract_net, pos_embed, *, drop_learned_sigma: bool 
             "learn_sigma=True DiT checkpoint (2C output channels). Pass drop_learned_sigma=True "
             "(--drop_learned_sigma) to keep the first C channels, the ε mean")
       value = _keep_mean_channels(value, channels)
-    if value.shape != expected:
-      raise ValueError(f"{name}: shape {value.shape}, this model expects {expected}")
-    params[path] = np.array(value.transpose(np.argsort(permutation)), order="C")
+    params[path] = _from_torch_layout(name, value, permutation, expected)
   return traverse_util.unflatten_dict(params)
+
+
+def _one_block(leaf, i):
+  """per_block's `take` on shapes only: block i of a stacked leaf, as its shape."""
+  del i
+  return types.SimpleNamespace(shape=leaf.shape[1:])
+
+
+def _from_torch_layout(name, value, permutation, expected) -> np.ndarray:
+  """A torch tensor of `expected` torch shape in the Flax layout (permutation inverted)."""
+  if value.shape != expected:
+    raise ValueError(f"{name}: shape {value.shape}, this model expects {expected}")
+  return np.array(value.transpose(np.argsort(permutation)), order="C")
 
 
 # --- SongUNet (EDM's and IMM's; export/torch_unet.SongUNet) ---------------------------------------
@@ -224,6 +234,29 @@ def imf_dit_to_torch(net_params) -> dict[str, np.ndarray]:
   """The torch twin's state_dict (name -> C-contiguous float32 array) of iMF DiT params (a pure
   dict, stacks per block or stacked)."""
   return _state_dict(per_block(net_params, stacks=imf_dit.STACKS), own=IMF_DIT_OWN)
+
+
+def imf_dit_from_torch(state_dict, abstract_net) -> dict:
+  """iMF DiT params (a pure dict of float32 arrays, in abstract_net's layout: stacks per block
+  or stacked) from the torch twin's state_dict, which must hold every parameter, with its
+  shape, and nothing else."""
+  if _is_stacked(abstract_net.get(imf_dit.STACKS[0])):
+    blocks = per_block(abstract_net, take=_one_block, stacks=imf_dit.STACKS)
+    return stacked(imf_dit_from_torch(state_dict, blocks), stacks=imf_dit.STACKS)
+  abstract = traverse_util.flatten_dict(abstract_net)
+  names = {torch_name(path, IMF_DIT_OWN): path for path in abstract}
+  missing, unexpected = sorted(set(names) - set(state_dict)), sorted(set(state_dict) - set(names))
+  if missing or unexpected:
+    raise ValueError(f"state_dict does not match this iMF DiT: missing {missing[:8]}, "
+                     f"unexpected {unexpected[:8]} ({len(missing)} missing, "
+                     f"{len(unexpected)} unexpected)")
+  params = {}
+  for name, path in names.items():
+    permutation = _permutation(path, len(abstract[path].shape))
+    expected = tuple(abstract[path].shape[axis] for axis in permutation)
+    params[path] = _from_torch_layout(name, np.asarray(state_dict[name], np.float32),
+                                      permutation, expected)
+  return traverse_util.unflatten_dict(params)
 
 
 # --- any network, by its torch names --------------------------------------------------------------
@@ -368,7 +401,8 @@ BACKBONES = {
                                                         drop_learned_sigma=drop)),
     "unet": Backbone(_unet_spec, lambda config, net: unet_to_torch(net),
                      lambda config, sd, drop: unet_from_torch(sd, _build(config))[1]),
-    "imf_dit": Backbone(_imf_dit_spec, lambda config, net: imf_dit_to_torch(net)),
+    "imf_dit": Backbone(_imf_dit_spec, lambda config, net: imf_dit_to_torch(net),
+                        lambda config, sd, drop: imf_dit_from_torch(sd, _abstract_net(config))),
     "pmf_dit": Backbone(_pmf_dit_spec, lambda config, net: imf_dit_to_torch(net)),
 }
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from kdiff_jax import schema
 from kdiff_jax.data import latents
-from kdiff_jax.export import pickles, released_tvm
+from kdiff_jax.export import pickles, released_imf, released_tvm
 from kdiff_jax.models import dit, unet
 
 PREFIX = "model."
@@ -189,6 +189,8 @@ def describe(config) -> str:
   """One line on what an imported config holds, for the console."""
   if config.objective.name == "tvm":
     return released_tvm.describe(config)
+  if config.objective.name == "imf":
+    return released_imf.describe(config)
   model, objective, sampling = config.model, config.objective, config.sampling
   return (f"IMM {model.name} {model.size}/{model.patch_size} on {config.data.image_size}x"
           f"{config.data.image_size}x{config.data.channels}, {config.data.num_classes} classes, "
@@ -203,9 +205,12 @@ def read(path: str):
   A pickled {'ema': IMMPrecond} (or a bare pickled IMMPrecond) gives its EMA network's tensors
   and the config built from it; lumalabs/tvm's {'ema' or 'net': TVMWrapper} likewise
   (released_tvm.py); a state_dict (torch file, safetensors, npz; IMMPrecond keys
-  or the network's) gives its tensors and None: pass --config.
+  or the network's) gives its tensors and None: pass --config. An iMF flax checkpoint (a
+  directory or a `checkpoint_<step>` file) gives released_imf.read's.
   """
   from kdiff_jax.export import weight_files
+  if released_imf.is_flax_checkpoint(path):
+    return released_imf.read(path)
   tree = None
   if path.endswith((".pkl", ".pt", ".pth")):
     if not os.path.isfile(path):
