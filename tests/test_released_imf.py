@@ -27,7 +27,8 @@ from flax.training import checkpoints as flax_checkpoints
 from flax.training import train_state
 
 from kdiff_jax import objectives, parallel, sampling, state
-from kdiff_jax.export import checkpoints, pretrained, released_imf
+from kdiff_jax.export import checkpoints, convert, pretrained
+from kdiff_jax.models import imf_dit
 from tests import references
 from tests.test_cli import run_main
 
@@ -192,7 +193,7 @@ def _read(path):
 
 
 def test_every_layout_reads_into_the_torch_twin_with_its_settings(files, nets):
-  from kdiff_jax.export import convert, torch_load
+  from kdiff_jax.export import torch_load
   read = {key: _read(path) for key, path in files.items()}
   for (layout, form), (state_dict, config) in read.items():
     assert (config.model.name, config.model.size, config.model.patch_size) == ("imf_dit", "T", 2)
@@ -238,6 +239,10 @@ def test_the_imported_network_is_the_official_one(files, nets, layout, form):
   assert np.std(expected_v - expected_u) > 0.1 if layout == "full" else True
   np.testing.assert_allclose(u, expected_u, rtol=0, atol=1e-5)
   np.testing.assert_allclose(v, expected_v, rtol=0, atol=1e-5)
+  config.model.scan_blocks = True   # the stacked layout holds the same blocks
+  scanned = convert.per_block(checkpoints.import_state_dict(state_dict, config),
+                              stacks=imf_dit.STACKS)
+  jax.tree.map(np.testing.assert_array_equal, scanned, net_params)
 
 
 def test_imported_samples_match_the_torch_export(files, tmp_path):
