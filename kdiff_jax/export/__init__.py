@@ -9,6 +9,7 @@ JAX side (imports torch only to write .pt and read .pth):
   checkpoints.py     checkpoint -> .safetensors / .pt / .json; DiT-format state_dict -> Flax params
                      or a step-0 checkpoint to fine-tune
   pretrained.py, pickles.py  released checkpoints (DiT, IMM) read into our layout
+  released_imf.py    Lyy-iiis/imeanflow's iMF flax checkpoints (orbax or msgpack) read as numpy
 
 Torch side (torch, numpy and safetensors; needs no JAX), one twin per network of models/:
   torch_layers.py    the twin of models/layers.py (embedders, attention, MLPs, RoPE, patches)
