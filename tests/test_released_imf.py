@@ -307,3 +307,4 @@ def test_main_imports_a_checkpoint_then_samples_and_trains_with_no_config(files,
                      "--config.training.batch_size=4", "--allow_config_change=training.batch_size")
   assert trained.returncode == 0, trained.stderr[-2000:]
   assert "starting at step 0; 1 steps to go" in trained.stderr + trained.stdout
+  assert "a fresh optimizer state" in trained.stderr + trained.stdout
