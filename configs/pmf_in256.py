@@ -71,6 +71,7 @@ def get_config():
   config.objective.pmf.convnext_weight = 0.1
   config.objective.pmf.perceptual_max_t = 0.8
 
+  config.optimizer.name = "muon"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.lr_schedule = "constant"
   config.optimizer.warmup_steps = 0
@@ -78,12 +79,11 @@ def get_config():
   config.optimizer.b2 = 0.95
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0
-  # Muon and EDM's EMA (branch muon-ema): config.optimizer.name = "muon",
-  # config.training.ema_halflives_kimg = (500, 1000, 2000), config.sampling.ema_halflife_kimg = 2000
 
   config.training.batch_size = 1024
   config.training.num_steps = 320 * STEPS_PER_EPOCH
-  config.training.ema_decays = (0.9999,)
+  config.training.ema_decays = ()
+  config.training.ema_halflives_kimg = (500.0, 1000.0, 2000.0)
   config.training.log_every = 100
   config.training.sample_every = 5 * STEPS_PER_EPOCH
   config.training.checkpoint_every = 20 * STEPS_PER_EPOCH
@@ -93,4 +93,5 @@ def get_config():
   config.sampling.num_steps = 1
   config.sampling.guidance_scale = 8.5
   config.sampling.guidance_interval = (0.1, 0.7)
+  config.sampling.ema_halflife_kimg = 2000.0
   return config

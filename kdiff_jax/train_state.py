@@ -98,14 +98,25 @@ def muon_matrices(params, logical):
 
   A matrix is a parameter of exactly two dimensions, as optax's default rule and the pMF
   code have it: Linear kernels [in, out] and label tables [classes, width]; conv kernels (4-D),
-  biases, norm scales, in-context tokens and position tables of shape [1, n, width], and scalars
-  go to Adam. With model.scan_blocks the blocks' kernels carry a leading axis named 'layers' in
-  `logical` (their logical axis names): each is one matrix per block, as without the scan.
+  biases, norm scales and scalars go to Adam. So do the in-context tokens (`*_tokens`) and the
+  position table (`pos_embed`) of the in-context DiTs: the official code stores them [1, n,
+  width], so Muon never sees them, and ours stores them [n, width] (`is_sequence_table`). With
+  model.scan_blocks the blocks' kernels carry a leading axis named 'layers' in `logical` (their
+  logical axis names): each is one matrix per block, as without the scan.
   """
   dims = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
   stacked = lambda spec: len(spec) > 0 and spec[0] == "layers"
-  return jax.tree.map(lambda p, spec: dims if p.ndim - stacked(spec) == 2 else None,
-                      params, logical, is_leaf=lambda x: isinstance(x, P))
+  matrix = lambda path, p, spec: p.ndim - stacked(spec) == 2 and not is_sequence_table(path)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p, spec: dims if matrix(path, p, spec) else None, params, logical,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def is_sequence_table(path) -> bool:
+  """Whether a parameter path names learned tokens or a position table ([n, width] here, [1, n,
+  width] in the official in-context DiTs): a last key ending in '_tokens' or 'pos_embed'."""
+  name = str(getattr(path[-1], "key", path[-1])) if path else ""
+  return name.endswith("_tokens") or name == "pos_embed"
 
 
 def setup(config, devices=None) -> Setup:

@@ -59,11 +59,13 @@ def numpy_muon(grads_by_step, *, lr, beta, b1, b2, eps, matrix):
 
 def test_muon_update_matches_a_float64_numpy_muon_and_adam():
   """Two matrices (tall and wide), blocks stacked on a 'layers' axis (one matrix per block), a
-  conv kernel, a bias and a scalar; three steps of random gradients."""
+  conv kernel, a bias, a scalar, and the in-context tokens and position table (2-D here, [1, n,
+  width] in the official code: Adam's); three steps of random gradients."""
   shapes = {"tall": (6, 3), "wide": (3, 5), "stacked": (2, 4, 3), "conv": (1, 1, 2, 3),
-            "bias": (4,), "scale": ()}
+            "bias": (4,), "scale": (), "class_tokens": (8, 3), "pos_embed": (5, 3)}
   logical = {"tall": P("embed", "mlp"), "wide": P(None, None), "stacked": P("layers", None, None),
-             "conv": P(None, None, None, None), "bias": P(None), "scale": P()}
+             "conv": P(None, None, None, None), "bias": P(None), "scale": P(),
+             "class_tokens": P(None, "embed"), "pos_embed": P(None, "embed")}
   rng = np.random.default_rng(0)
   params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
