@@ -305,14 +305,20 @@ class GuidedAverageVelocity(meanflow.AverageVelocity):
 
 def check(config) -> None:
   """Fail before compiling on settings iMF cannot train with."""
-  cfg, options = config.objective, config.objective.imf
-  if config.model.name != "imf_dit":
-    raise ValueError(f"objective.name='imf' feeds guidance and its interval to the network: set "
-                     f"model.name='imf_dit' (not {config.model.name!r})")
+  check_guided(config, "imf", "imf_dit", "feeds guidance and its interval to the network")
+
+
+def check_guided(config, name: str, model_name: str, why: str) -> None:
+  """The checks iMF and pMF share: objective `name` needs model.name = model_name (`why` says
+  for what), the linear path, and a row layout its share can make."""
+  cfg = config.objective
+  if config.model.name != model_name:
+    raise ValueError(f"objective.name={name!r} {why}: set model.name={model_name!r} "
+                     f"(not {config.model.name!r})")
   if cfg.schedule != "rectified_flow":
-    raise ValueError(f"objective.schedule={cfg.schedule!r}: iMF is defined on the linear path "
-                     "z_t = (1 - t)·x + t·e: set objective.schedule='rectified_flow'")
-  meanflow.row_layout(options.share_r_equals_t, "imf")
+    raise ValueError(f"objective.schedule={cfg.schedule!r}: {name} is defined on the linear "
+                     "path z_t = (1 - t)·x + t·e: set objective.schedule='rectified_flow'")
+  meanflow.row_layout(cfg[name].share_r_equals_t, name)
 
 
 def describe(config) -> GuidedAverageVelocity:

@@ -170,14 +170,7 @@ def make_example_losses(config, apply_fn, distance=None):
 
 def check(config) -> None:
   """Fail before compiling on settings pMF cannot train with."""
-  cfg, options = config.objective, config.objective.pmf
-  if config.model.name != "pmf_dit":
-    raise ValueError(f"objective.name='pmf' trains an x-predicting network with guidance inputs: "
-                     f"set model.name='pmf_dit' (not {config.model.name!r})")
-  if cfg.schedule != "rectified_flow":
-    raise ValueError(f"objective.schedule={cfg.schedule!r}: pMF is defined on the linear path "
-                     "z_t = (1 - t)·x + t·e: set objective.schedule='rectified_flow'")
-  meanflow.row_layout(options.share_r_equals_t, "pmf")
+  imf.check_guided(config, "pmf", "pmf_dit", "trains an x-predicting network with guidance inputs")
 
 
 def describe(config) -> imf.GuidedAverageVelocity:
