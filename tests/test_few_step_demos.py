@@ -3,7 +3,7 @@
 --config reads the run's own config and samples at another number of steps.
 
 Shortened to 4 training steps (the objective and sampler code is the demo's; its tests are
-test_meanflow.py, test_imf.py and test_tvm.py). How well the full demos sample (conditional
+test_meanflow.py, test_imf.py, test_pmf.py and test_tvm.py). How well the full demos sample (conditional
 accuracy at 1, 2 and 4 steps, 1500 training steps each) is benchmarks/few_step.py's table.
 """
 import glob
@@ -30,7 +30,8 @@ def main(*args):
 
 
 @pytest.mark.parametrize("demo, method", [("meanflow_digits", "mean_flow"),
-                                          ("imf_digits", "mean_flow"), ("tvm_digits", "tvm")])
+                                          ("imf_digits", "mean_flow"), ("pmf_digits", "mean_flow"),
+                                          ("tvm_digits", "tvm")])
 def test_demo_trains_writes_its_grid_and_samples_with_no_config(demo, method, tmp_path):
   main(f"--config=configs/{demo}.py", f"--workdir={tmp_path}", *SHORT)
   assert os.path.isdir(tmp_path / "checkpoints" / "4")
