@@ -59,9 +59,8 @@ import importlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
-from benchmarks.distances import energy_distance  # noqa: E402
+from benchmarks.distances import class_energy_distance, energy_distance, real_digits  # noqa: E402
 
 # method -> (config module, display name, network evaluations per step as configured)
 METHODS = {
@@ -121,19 +120,6 @@ def train(method, workdir):
   with open(record_path, "w") as f:
     json.dump(record, f)
   return record
-
-
-def real_digits():
-  """Per class c: (reference, held_out), the even- and odd-numbered real digits of class c
-  (pixels x/8 - 1, the training data's scale)."""
-  digits = load_digits()
-  x = digits.images.reshape(len(digits.images), -1) / 8.0 - 1.0
-  return {c: (x[digits.target == c][0::2], x[digits.target == c][1::2]) for c in range(10)}
-
-
-def class_energy_distance(images, labels, real):
-  """Mean over classes of ED(samples of class c, the reference real digits of class c)."""
-  return float(np.mean([energy_distance(images[labels == c], real[c][0]) for c in real]))
 
 
 def main(argv):
