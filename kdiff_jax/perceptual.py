@@ -20,9 +20,10 @@ perceptual.random_weights draws random weights instead of reading files: 'tiny' 
 and tests) or 'full', the recipe's architectures at full size (VGG16, ConvNeXt-V2-base-22k-224:
 ahead-of-time compiles and timings without the files).
 
-The train state holds none of this: the trainer loads the frozen weights once (a resumed run
-reloads them from the files), places them on the mesh and hands them to the loss as `frozen=`
-(kdiff_jax/train_state.py).
+The train state holds none of this: the trainer takes their shapes (`abstract`) to build the
+step, loads the frozen weights once at its first call (a resumed run reloads them from the
+files; an ahead-of-time compile never does), places them on the mesh and hands them to the loss
+as `frozen=` (kdiff_jax/train_state.py).
 """
 import functools
 import json
@@ -289,7 +290,7 @@ def distances(frozen: dict, config, key, x_hat, x) -> dict:
     out["lpips"] = nnx.merge(_graphdef(config, "lpips"), frozen["lpips"])(x_hat, x)
   if "convnext" in frozen:
     net = nnx.merge(_graphdef(config, "convnext"), frozen["convnext"])
-    features = (net.pooled if cfg.convnext_output == "pooled" else net)(
-        jnp.concatenate([x_hat, x]))
-    out["convnext"] = jnp.sum(jnp.square(features[:x.shape[0]] - features[x.shape[0]:]), -1)
+    features_hat, features = lpips_lib.unpaired(
+        (net.pooled if cfg.convnext_output == "pooled" else net)(lpips_lib.paired(x_hat, x)))
+    out["convnext"] = jnp.sum(jnp.square(features_hat - features), -1)
   return out
