@@ -3,6 +3,7 @@
 the ConvNeXt V2 classifier (models/convnext.py), loaded from weight files the user has.
 
   frozen = perceptual.load(config)     # host arrays of the nets whose weight > 0
+  shapes = perceptual.abstract(config) # their ShapeDtypeStructs, nothing read or drawn
   d = perceptual.distances(frozen, config, key, x_hat, x)   # {'lpips': [B], 'convnext': [B]}
   objective = dict(loss=..., frozen=perceptual.loader(config))   # an objective's build()
 
@@ -15,11 +16,14 @@ Images enter NHWC in [−1, 1].
 The weights (`weights(config)`) are the objective's own: objective.<name>.lpips_weight and
 convnext_weight (pMF's λ); an objective without them uses none. The config check (`check`) stops
 a run at start when a file of a net in use is missing, naming the field and where to get it;
-perceptual.tiny_random uses tiny randomly initialised nets instead (CPU demos and tests).
+perceptual.random_weights draws random weights instead of reading files: 'tiny' nets (CPU demos
+and tests) or 'full', the recipe's architectures at full size (VGG16, ConvNeXt-V2-base-22k-224:
+ahead-of-time compiles and timings without the files).
 
-The train state holds none of this: the trainer loads the frozen weights once (a resumed run
-reloads them from the files), places them on the mesh and hands them to the loss as `frozen=`
-(kdiff_jax/train_state.py).
+The train state holds none of this: the trainer takes their shapes (`abstract`) to build the
+step, loads the frozen weights once at its first call (a resumed run reloads them from the
+files; an ahead-of-time compile never does), places them on the mesh and hands them to the loss
+as `frozen=` (kdiff_jax/train_state.py).
 """
 import functools
 import json
@@ -33,7 +37,7 @@ from flax import nnx
 
 from kdiff_jax.export import convert, state_dicts
 from kdiff_jax.models import convnext as convnext_lib, lpips as lpips_lib
-from kdiff_jax.rules import boolean, interval, number, one_of, text
+from kdiff_jax.rules import interval, number, one_of, text
 
 NETS = ("lpips", "convnext")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,9 +57,15 @@ SOURCES = {
 # The nets each weight file belongs to.
 FILES = {"lpips": ("lpips_vgg16", "lpips_heads"), "convnext": ("convnext",)}
 
-# perceptual.tiny_random: the same networks, tiny (CPU demos and tests).
+# perceptual.random_weights: 'none' reads the files; 'tiny', the same networks, tiny (CPU demos and
+# tests); 'full', the recipe's at full size: VGG16 as LPIPS uses it and the config.json of
+# facebook/convnextv2-base-22k-224 (hidden sizes, depths and eps as transformers' ConvNeXt V2
+# conversion writes them for 'base'; 1000 ImageNet-1k labels: the 22k models are fine-tuned on 1k).
+RANDOM_WEIGHTS = ("none", "tiny", "full")
 TINY_LPIPS_WIDTHS = ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8))
 TINY_CONVNEXT = dict(hidden_sizes=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_labels=10,
+                     layer_norm_eps=1e-12, patch_size=4, num_channels=3)
+BASE_CONVNEXT = dict(hidden_sizes=(128, 256, 512, 1024), depths=(3, 3, 27, 3), num_labels=1000,
                      layer_norm_eps=1e-12, patch_size=4, num_channels=3)
 
 RULES = {
@@ -67,7 +77,7 @@ RULES = {
     "perceptual.crop_scale": interval(number(0, 1, low_open=True)),
     "perceptual.crop_ratio": interval(number(0, low_open=True)),
     "perceptual.compute_dtype": one_of("model", *COMPUTE_DTYPES),
-    "perceptual.tiny_random": boolean(),
+    "perceptual.random_weights": one_of(*RANDOM_WEIGHTS),
 }
 
 
@@ -102,10 +112,10 @@ def _convnext_files(path: str):
 
 
 def check(config) -> None:
-  """Each file of a net in use exists (unless perceptual.tiny_random); a missing one is named
+  """Each file of a net in use exists (unless perceptual.random_weights); a missing one is named
   with where to get it."""
   cfg = config.perceptual
-  if cfg.tiny_random:
+  if cfg.random_weights != "none":
     return
   for net in active(config):
     for field in FILES[net]:
@@ -118,8 +128,8 @@ def check(config) -> None:
         raise ValueError(
             f"perceptual.{field}={path!r}: {found}; "
             f"objective.{name}.{net}_weight={weights(config)[net]} needs {SOURCES[field]}. "
-            "Nothing is downloaded; or set the weight to 0, or perceptual.tiny_random=True "
-            "for tiny random nets")
+            "Nothing is downloaded; or set the weight to 0, or perceptual.random_weights=tiny "
+            "(tiny random nets) or full (the full-size nets, random)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,9 +139,11 @@ def _read_json(path: str) -> dict:
 
 
 def convnext_architecture(config) -> dict:
-  """The ConvNeXt's sizes: from its config.json (transformers' field names), or the tiny ones."""
-  if config.perceptual.tiny_random:
-    return dict(TINY_CONVNEXT)
+  """The ConvNeXt's sizes: from its config.json (transformers' field names), or the random
+  weights' (tiny or base)."""
+  random_weights = config.perceptual.random_weights
+  if random_weights != "none":
+    return dict(TINY_CONVNEXT if random_weights == "tiny" else BASE_CONVNEXT)
   saved = _read_json(_convnext_files(config.perceptual.convnext)[0])
   return dict(hidden_sizes=tuple(saved["hidden_sizes"]), depths=tuple(saved["depths"]),
               num_labels=len(saved.get("id2label", {})) or saved.get("num_labels", 1000),
@@ -143,7 +155,8 @@ def _build(config, net, dtype, seed=0):
   """The module of `net` with random weights (abstract under nnx.eval_shape)."""
   rngs = nnx.Rngs(seed)
   if net == "lpips":
-    widths = TINY_LPIPS_WIDTHS if config.perceptual.tiny_random else lpips_lib.VGG16_WIDTHS
+    tiny = config.perceptual.random_weights == "tiny"
+    widths = TINY_LPIPS_WIDTHS if tiny else lpips_lib.VGG16_WIDTHS
     return lpips_lib.LPIPS(widths, dtype=dtype, rngs=rngs)
   return convnext_lib.ConvNextV2ForImageClassification(**convnext_architecture(config),
                                                        dtype=dtype, rngs=rngs)
@@ -170,24 +183,53 @@ def _read(config, net) -> dict:
   return convert.load(build, state)[1]
 
 
-def _tiny(config, net) -> dict:
-  """Tiny random params (seed 0: a resumed run gets the same); LPIPS heads made non-negative as
-  the trained ones are, so the distance stays a distance."""
+def _random(config, net) -> dict:
+  """Random params (seed 0: a resumed run gets the same); LPIPS heads made non-negative as the
+  trained ones are, so the distance stays a distance."""
   params = nnx.to_pure_dict(nnx.state(_build(config, net, jnp.float32), nnx.Param))
   params = jax.tree.map(np.asarray, params)
   if net == "lpips":
-    for tap in range(len(TINY_LPIPS_WIDTHS)):
+    for tap in range(len(lpips_lib.VGG16_WIDTHS)):
       params[f"lin{tap}"]["kernel"] = np.abs(params[f"lin{tap}"]["kernel"])
   return params
+
+
+def _host_dtype(config):
+  return ml_dtypes.bfloat16 if compute_dtype(config) == jnp.bfloat16 else np.float32
 
 
 def load(config) -> dict:
   """{net: its frozen params (NumPy, in the compute dtype)} of the nets in use (`active`)."""
   check(config)
-  dtype = ml_dtypes.bfloat16 if compute_dtype(config) == jnp.bfloat16 else np.float32
-  read = _tiny if config.perceptual.tiny_random else _read
-  return {net: jax.tree.map(lambda x: np.asarray(x, dtype), read(config, net))
+  read = _random if config.perceptual.random_weights != "none" else _read
+  return {net: jax.tree.map(lambda x: np.asarray(x, _host_dtype(config)), read(config, net))
           for net in active(config)}
+
+
+def abstract(config) -> dict:
+  """{net: ShapeDtypeStructs of what `load` returns}, from the architectures alone
+  (nnx.eval_shape: no file read but ConvNeXt's config.json, no weight drawn)."""
+  check(config)
+  def shapes(net):
+    module = nnx.eval_shape(lambda: _build(config, net, jnp.float32))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, _host_dtype(config)),
+                        nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+  return {net: shapes(net) for net in active(config)}
+
+
+class Loader:
+  """An objective's `frozen` (objectives.Objective.frozen): calling it loads (`load`), `shapes()`
+  says what it loads without loading (`abstract`), so a setup or an ahead-of-time compile holds
+  no weights until the first step."""
+
+  def __init__(self, config):
+    self.config = config
+
+  def __call__(self) -> dict:
+    return load(self.config)
+
+  def shapes(self) -> dict:
+    return abstract(self.config)
 
 
 def crop_boxes(key, batch: int, height: int, width: int, scale=(0.08, 1.0),
@@ -223,9 +265,9 @@ def resized_crop(image, top, left, crop_h, crop_w, size: int):
 
 
 def loader(config):
-  """An objective's `frozen` loader (objectives.Objective.frozen): `load` bound to config, or
-  None when no net is in use (nothing to load, nothing handed to the loss)."""
-  return (lambda: load(config)) if active(config) else None
+  """An objective's `frozen` loader (`Loader`), or None when no net is in use (nothing to load,
+  nothing handed to the loss)."""
+  return Loader(config) if active(config) else None
 
 
 def paired_random_resized_crop(key, x_hat, x, size: int, scale=(0.08, 1.0),
@@ -248,7 +290,7 @@ def distances(frozen: dict, config, key, x_hat, x) -> dict:
     out["lpips"] = nnx.merge(_graphdef(config, "lpips"), frozen["lpips"])(x_hat, x)
   if "convnext" in frozen:
     net = nnx.merge(_graphdef(config, "convnext"), frozen["convnext"])
-    features = (net.pooled if cfg.convnext_output == "pooled" else net)(
-        jnp.concatenate([x_hat, x]))
-    out["convnext"] = jnp.sum(jnp.square(features[:x.shape[0]] - features[x.shape[0]:]), -1)
+    features_hat, features = lpips_lib.unpaired(
+        (net.pooled if cfg.convnext_output == "pooled" else net)(lpips_lib.paired(x_hat, x)))
+    out["convnext"] = jnp.sum(jnp.square(features_hat - features), -1)
   return out

@@ -105,7 +105,7 @@ def defaults() -> ml_collections.ConfigDict:
   perceptual.crop_scale = (0.08, 1.0)  # its area fraction
   perceptual.crop_ratio = (3 / 4, 4 / 3)  # its aspect ratio
   perceptual.compute_dtype = "model"  # model (= model.compute_dtype) | float32 | bfloat16
-  perceptual.tiny_random = False  # tiny randomly initialised nets instead of the files (CPU demos)
+  perceptual.random_weights = "none"  # none (the files) | tiny (CPU demos) | full (compiles, timings)
 
   # --- optimizer: optax AdamW or Muon with linear warm-up, then constant or cosine.
   config.optimizer = optimizer = ml_collections.ConfigDict()

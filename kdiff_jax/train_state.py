@@ -12,8 +12,9 @@ like them and updated every step after the optimizer. An objective with a
 `teacher_decay` (TVM) adds 'teacher': an EMA of params with that decay (sharded like them,
 updated every step after the optimizer, checkpointed; never an evaluation EMA), handed to its
 loss as `teacher=`. An objective with a `frozen` loader (pMF's perceptual nets) has its frozen
-weights loaded once by `setup` (`Setup.frozen`, host arrays; a resumed run reloads them from
-their files), replicated over the mesh (each batch shard runs the whole feature nets; they are
+weights' shapes taken by `setup` (`Setup.abstract_frozen`) and the weights loaded at the step's
+first call (`Setup.load_frozen`, host arrays; a resumed run reloads them from their files;
+an ahead-of-time compile never loads them), replicated over the mesh (each batch shard runs the whole feature nets; they are
 small beside the batch's activations) and passed to the jitted step as an argument, not baked
 into the program; the loss gets them as `frozen=`. They are outside the train state: never
 optimised, never checkpointed. The step's randomness
@@ -47,7 +48,7 @@ class Setup:
   optimizer: optax.GradientTransformation
   abstract_state: Any     # ShapeDtypeStructs carrying their shardings
   state_shardings: Any
-  frozen: Any = None      # the objective's frozen weights (host arrays), or None
+  load_frozen: Any = None   # load_frozen() -> the objective's frozen weights (host arrays), or None
   abstract_frozen: Any = None   # their ShapeDtypeStructs, replicated over the mesh
 
   @property
@@ -142,12 +143,12 @@ def setup(config, devices=None) -> Setup:
     state_shardings["teacher"] = weights.shardings
     abstract_state["teacher"] = weights.abstract
   abstract_state = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-  frozen = abstract_frozen = None
-  if weights.objective.frozen is not None:
-    frozen = weights.objective.frozen()
+  load_frozen, abstract_frozen = weights.objective.frozen, None
+  if load_frozen is not None:
     abstract_frozen = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
-  built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings, frozen,
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        load_frozen.shapes())
+  built = Setup(config, mesh, weights, optimizer, abstract_state, state_shardings, load_frozen,
                 abstract_frozen)
   _check_per_step_metrics(built)
   return built
@@ -182,7 +183,7 @@ def _check_per_step_metrics(setup: Setup) -> None:
   abstract_batch = {
       "image": jax.ShapeDtypeStruct((batch,) + data.element_shape(config.data), jnp.float32),
       "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  frozen = {} if setup.frozen is None else {"frozen": setup.abstract_frozen}
+  frozen = {} if setup.abstract_frozen is None else {"frozen": setup.abstract_frozen}
   _, metrics = jax.eval_shape(functools.partial(setup.objective.loss, **frozen),
                               setup.weights.abstract, abstract_batch, jax.random.key(0))
   known = sorted(set(metrics) | {"loss", "grad_norm"})
@@ -252,12 +253,12 @@ def make_train_step(setup: Setup):
 
   batch_sharding = parallel.batch_sharding(setup.mesh, setup.config.mesh.rules)
   in_shardings = (setup.state_shardings, {"image": batch_sharding, "label": batch_sharding})
-  if setup.frozen is not None:
+  if setup.abstract_frozen is not None:
     in_shardings += (jax.tree.map(lambda x: x.sharding, setup.abstract_frozen),)
   jitted = jax.jit(train_step, in_shardings=in_shardings,
                    out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
                    donate_argnums=(0,))
-  return jitted if setup.frozen is None else WithFrozen(jitted, setup)
+  return jitted if setup.abstract_frozen is None else WithFrozen(jitted, setup)
 
 
 class WithFrozen:
@@ -275,7 +276,7 @@ class WithFrozen:
   def frozen(self):
     if not self.placed:
       shardings = jax.tree.map(lambda x: x.sharding, self.setup.abstract_frozen)
-      self.placed.append(jax.device_put(self.setup.frozen, shardings))
+      self.placed.append(jax.device_put(self.setup.load_frozen(), shardings))
     return self.placed[0]
 
   def __call__(self, state, batch):

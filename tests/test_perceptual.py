@@ -118,7 +118,7 @@ def _perceptual_config(files=None):
   config = toy_config()
   config.objective.toy.scale = 1.0
   config.perceptual.crop_size = 32
-  config.perceptual.tiny_random = files is None
+  config.perceptual.random_weights = "tiny" if files is None else "none"
   for field, path in (files or {}).items():
     config.perceptual[field] = path
   return config
@@ -221,6 +221,43 @@ def test_frozen_weights_follow_the_compute_dtype(registered):
   assert perceptual.loader(config) is None   # no net in use: nothing loaded or handed over
 
 
+def _convnext_v2_parameters(hidden_sizes, depths, num_labels, channels=3, patch=4):
+  """ConvNeXt V2's parameter count from its architecture (arXiv 2301.00808, transformers'
+  ConvNextV2ForImageClassification): stem conv + LayerNorm; per block a 7x7 depthwise conv,
+  LayerNorm, d -> 4d -> d linears with GRN (γ, β of 4d) between; per later stage a LayerNorm and
+  a 2x2 stride-2 conv; the final LayerNorm and the classifier."""
+  total = channels * hidden_sizes[0] * patch * patch + hidden_sizes[0] + 2 * hidden_sizes[0]
+  for stage, (width, depth) in enumerate(zip(hidden_sizes, depths)):
+    if stage:
+      before = hidden_sizes[stage - 1]
+      total += 2 * before + 4 * before * width + width
+    total += depth * (49 * width + width + 2 * width + 4 * width * width + 4 * width
+                      + 8 * width + 4 * width * width + width)
+  return total + 2 * hidden_sizes[-1] + hidden_sizes[-1] * num_labels + num_labels
+
+
+def test_full_random_weights_are_the_recipe_nets_without_files(registered):
+  """random_weights='full' needs no file and has the recipe's sizes: VGG16's 13 conv layers
+  (14,714,688 parameters, torchvision's features) + LPIPS' five 1x1 heads (64+128+256+512+512,
+  no bias), ConvNeXt-V2-base (88.7M, the paper's 89M) by the count from its architecture; shapes
+  only (nothing drawn). 'tiny' loads exactly what `abstract` says."""
+  config = _perceptual_config()
+  config.perceptual.random_weights = "full"
+  config_lib.validate(config)
+  shapes = perceptual.abstract(config)
+  count = {net: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+           for net, tree in shapes.items()}
+  assert count["lpips"] == 14_714_688 + 64 + 128 + 256 + 512 + 512
+  base = _convnext_v2_parameters((128, 256, 512, 1024), (3, 3, 27, 3), 1000)
+  assert count["convnext"] == base and 88_000_000 < base < 89_000_000
+  config.perceptual.random_weights = "tiny"
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), perceptual.abstract(config))
+          == jax.tree.map(lambda x: (x.shape, x.dtype), perceptual.load(config)))
+  config.perceptual.random_weights = "yes"
+  with pytest.raises(ValueError, match="perceptual.random_weights"):
+    config_lib.validate(config)
+
+
 def test_a_run_with_frozen_nets_resumes_exactly_without_them_in_its_checkpoints(
     registered, tmp_path, capsys):
   """4 steps straight (checkpoints at 2 and 4) = the same run resumed from its step 2."""
@@ -249,7 +286,7 @@ def test_a_run_with_frozen_nets_resumes_exactly_without_them_in_its_checkpoints(
            "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
   lowered = train.make_train_step(run).lower(run.abstract_state, batch)
   assert lowered.in_tree.num_leaves == (len(jax.tree.leaves(run.abstract_state)) + 2
-                                        + len(jax.tree.leaves(run.frozen)))
+                                        + len(jax.tree.leaves(run.abstract_frozen)))
   state, metrics = lowered.compile()(resumed, {"image": jnp.zeros((16, 8, 8, 2)),
                                                "label": jnp.zeros((16,), jnp.int32)})
   assert int(state["step"]) == 5 and np.isfinite(float(metrics["loss"]))

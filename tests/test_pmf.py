@@ -284,7 +284,7 @@ def test_build_hands_the_frozen_nets_and_the_crop_to_the_perceptual_terms():
   config = pmf_config()
   config.data.name, config.data.channels = "synthetic", 3
   config.objective.pmf.lpips_weight, config.objective.pmf.convnext_weight = 0.4, 0.1
-  config.perceptual.tiny_random, config.perceptual.crop_size = True, 32
+  config.perceptual.random_weights, config.perceptual.crop_size = "tiny", 32
   config_lib.validate(config)
   model = state.build_model(config)
   without = objectives.build(config, model.apply)   # sampling's: the loss refuses to run
@@ -373,7 +373,7 @@ def test_imagenet_configs_validate_and_ask_for_the_feature_nets_files(name, patc
   assert pmf.perceptual_weights(config) == {"lpips": 0.4, "convnext": 0.1}
   with pytest.raises(ValueError, match="perceptual.lpips_vgg16=''"):
     config_lib.validate(config)
-  config.perceptual.tiny_random = True
+  config.perceptual.random_weights = "full"   # the recipe's nets, random: no file needed
   config_lib.validate(config)
 
 

@@ -36,6 +36,20 @@ def unit_channels(features):
   return features / (norm + NORM_EPS)
 
 
+def paired(a, b):
+  """[2B, ...]: a and b interleaved (rows 2i, 2i + 1 are a_i, b_i), so one pass of a net runs
+  both; with the batch sharded, each example's pair stays on its shard (concatenating [a; b]
+  instead puts a's rows on one half of the shards and b's on the other, and the comparison of
+  their features then moves every activation between shards)."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def unpaired(features):
+  """(the a rows, the b rows) of a net's output on `paired(a, b)`."""
+  features = features.reshape((-1, 2) + features.shape[1:])
+  return features[:, 0], features[:, 1]
+
+
 class LPIPS(nnx.Module):
   """The LPIPS distance of two batches of images in [−1, 1] (module docstring)."""
 
@@ -72,9 +86,9 @@ class LPIPS(nnx.Module):
     """[B] LPIPS distances between x_hat and x, both [B, H, W, 3] in [−1, 1]."""
     batch = x.shape[0]
     distance = jnp.zeros((batch,), jnp.float32)
-    for tap, features in enumerate(self.taps(jnp.concatenate([x_hat, x]))):
-      features = unit_channels(features)
-      squared = jnp.square(features[:batch] - features[batch:]).astype(self.dtype)
+    for tap, features in enumerate(self.taps(paired(x_hat, x))):
+      features_hat, features = unpaired(unit_channels(features))
+      squared = jnp.square(features_hat - features).astype(self.dtype)
       weighted = getattr(self, f"lin{tap}")(squared).astype(jnp.float32)
       distance = distance + jnp.mean(weighted, axis=(1, 2, 3))
     return distance

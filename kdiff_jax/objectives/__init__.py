@@ -86,7 +86,7 @@ class Objective:
   # the stored float32 weights, not the ones cast once for the compute dtype (state.Model).
   full_precision_pass: bool = False
   # Frozen feature nets the loss runs (pMF's perceptual losses): frozen() -> a pytree of host
-  # arrays (kdiff_jax/perceptual.py's load). The trainer places it on the mesh and hands it to the
+  # arrays, frozen.shapes() -> their ShapeDtypeStructs (kdiff_jax/perceptual.py's Loader). The trainer places it on the mesh and hands it to the
   # loss as `frozen=` (a jit argument, outside the train state: never optimised nor checkpointed).
   frozen: Callable[[], Any] | None = None
 
