@@ -23,6 +23,9 @@ The official recipe (Lyy-iiis/pMF `configs/default.py`, `configs/pMF_B_16_config
   (objectives/pmf.py). Other released settings: B/32 omega 6.5 [0.1, 0.7]; L/16 omega 7.0
   [0.2, 0.7] (EMA 1000); L/32 omega 7.5 [0.2, 0.6].
 
+Slice: batch 1024 fits a v5p-32 (v5p:2x2x4, 16 chips, data parallel) at 61 GB per chip; 8 chips
+would need 98.6 GB (benchmarks/RESULTS.md, "pMF on TPU slices").
+
 The perceptual terms read the user's weight files (docs/perceptual.md; nothing is downloaded):
 
   python main.py --config=configs/pmf_in256.py --workdir=$WORKDIR \
