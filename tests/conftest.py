@@ -28,6 +28,15 @@ def _compilation_cache() -> str:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _compilation_cache())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# torchvision 0.28.0, the registry's only build, fails registering its `torchvision::nms` meta
+# kernel against our torch; lpips, transformers and (through transformers) diffusers import it.
+# An empty torchvision._meta_registrations lets it import (no test uses nms).
+import sys  # noqa: E402
+import types  # noqa: E402
+
+sys.modules.setdefault("torchvision._meta_registrations",
+                       types.ModuleType("torchvision._meta_registrations"))
+
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)

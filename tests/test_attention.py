@@ -68,7 +68,7 @@ JVP_OBJECTIVES = [name for name, method in objectives.MODULES.items()
 
 
 def test_the_objectives_that_differentiate_the_network_forward_say_so():
-  assert JVP_OBJECTIVES == ["meanflow", "imf", "tvm"]
+  assert JVP_OBJECTIVES == ["meanflow", "imf", "pmf", "tvm"]
 
 
 @pytest.mark.parametrize("objective", JVP_OBJECTIVES)

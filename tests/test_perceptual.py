@@ -6,7 +6,6 @@ crop against PIL's bicubic resize of the same box; the missing-file error; and a
 objective uses frozen nets resumes exactly without them in its checkpoints."""
 import os
 import shutil
-import sys
 import types
 
 import jax
@@ -24,11 +23,8 @@ ONE = jax.devices()[:1]
 
 
 def reference_packages():
-  """(lpips, transformers), imported for the tests only. torchvision 0.28.0 (the registry's only
-  build, which both import) fails registering its `torchvision::nms` meta kernel against our
-  torch; an empty torchvision._meta_registrations lets it import (nothing here uses nms)."""
-  sys.modules.setdefault("torchvision._meta_registrations",
-                         types.ModuleType("torchvision._meta_registrations"))
+  """(lpips, transformers), imported for the tests only (torchvision, which both import, imports
+  with conftest.py's stub)."""
   lpips = pytest.importorskip("lpips")
   transformers = pytest.importorskip("transformers")
   return lpips, transformers
